@@ -1,0 +1,418 @@
+"""Dataset distillation by matching training trajectories (MTT; Cazenavette et al., CVPR 2022).
+
+One outer iteration (:meth:`Distiller.step`):
+
+1. pick an expert and a start epoch t ~ U[t_min, T+); the student starts at theta*_t;
+2. take N SGD steps on mini-batches of the synthetic set (shuffled sweeps, DSA on every step),
+   with the learnable step size alpha:  theta_{i+1} = theta_i - alpha * grad L_ce(theta_i; aug(X_i));
+3. loss = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2;
+4. backpropagate through all N steps into the pixels X and into alpha; SGD with momentum 0.5
+   updates both.
+
+Three ways to get the gradient of step 4 (``DistillConfig.mode``):
+
+``exact``       keep the whole N-step graph (create_graph=True) and call ``backward``.
+``checkpoint``  the same gradient, memory flat in N: run the N steps without a graph, keeping
+                only theta_0..theta_N, then walk back from step N to 1 recomputing one step's
+                graph at a time. With lambda_{i+1} = dloss/dtheta_{i+1} and g_i the step's gradient:
+                    dloss/dX     += -alpha * d(g_i . lambda_{i+1})/dX
+                    dloss/dalpha += -g_i . lambda_{i+1}
+                    lambda_i      = lambda_{i+1} - alpha * H_i lambda_{i+1}   (Hessian-vector product)
+                Each step's mini-batch indices and augmentation seed are stored, so the replay is
+                bit-for-bit the forward step.
+``constant``    TESLA's approximation (Cui et al., ICML 2023): the same walk with lambda frozen at
+                lambda_N, i.e. the terms that flow through the later student weights are dropped.
+                It is *not* the exact gradient; see benchmarks/RESULTS.md for how close it is.
+
+Deliberate deviations from the reference code, all documented here:
+* alpha is kept positive by projection: after each update alpha <- max(alpha, ALPHA_MIN).
+* a non-finite loss or gradient skips the update (images, alpha and optimiser states untouched)
+  and the record says ``skipped=True``; the reference code would write NaNs into the images.
+* mini-batches are drawn by shuffled sweeps that restart every outer iteration (as in MTT).
+
+Optional successors' tricks, all off by default: soft labels from an expert (TESLA), an
+exponential moving average of the images (FTD), and a start-epoch upper bound that grows during
+the run (DATM's window).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .augment import default_strategy, dsa, parse_strategy, seeded_generator
+from .data import ImageDataset
+from .experts import TrajectoryStore, TrajectoryStoreError
+from .models import Functional
+from .train import resolve_device
+
+MODES = ("exact", "checkpoint", "constant")
+ALPHA_MIN = 1e-6
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class DistillConfig:
+    """The knobs of MTT, with defaults that work on the bundled digits."""
+
+    ipc: int = 1  # images per class
+    syn_steps: int = 20  # N: student steps per iteration
+    expert_epochs: int = 2  # M: the target is theta*_{t+M}
+    max_start_epoch: int = 10  # T+: start epoch t ~ U[min_start_epoch, T+)
+    min_start_epoch: int = 0
+    lr_img: float = 100.0  # learning rate of the pixels
+    lr_lr: float = 1e-5  # learning rate of alpha
+    lr_teacher: float = 0.01  # initial alpha (the experts' own learning rate)
+    batch_syn: int | None = None  # synthetic mini-batch size; None = the whole set
+    pix_init: str = "real"  # real | noise
+    dsa: bool = True
+    dsa_strategy: str | None = None  # None = the dataset's default (no flips for digits)
+    iterations: int = 500
+    mode: str = "exact"  # exact | checkpoint | constant
+    model: str | None = None  # expected expert architecture; None = whatever the store holds
+    soft_labels: bool = False  # TESLA: learn against an expert's soft labels
+    ema_decay: float | None = None  # FTD: keep an EMA of the images (e.g. 0.999)
+    max_start_epoch_end: int | None = None  # DATM: T+ grows linearly to this over `iterations`
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def validate(self, epochs: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first bad value; ``epochs`` = E of the experts."""
+        checks = [
+            (self.ipc >= 1, f"ipc must be >= 1, got {self.ipc}"),
+            (self.syn_steps >= 1, f"syn_steps (N) must be >= 1, got {self.syn_steps}"),
+            (self.expert_epochs >= 1, f"expert_epochs (M) must be >= 1, got {self.expert_epochs}"),
+            (self.min_start_epoch >= 0, f"min_start_epoch must be >= 0, got {self.min_start_epoch}"),
+            (self.max_start_epoch > self.min_start_epoch,
+             f"max_start_epoch (T+) must be > min_start_epoch={self.min_start_epoch}, got {self.max_start_epoch}"),
+            (self.lr_img > 0 and self.lr_lr >= 0 and self.lr_teacher > 0,
+             f"need lr_img > 0, lr_lr >= 0, lr_teacher > 0; got {self.lr_img}, {self.lr_lr}, {self.lr_teacher}"),
+            (self.batch_syn is None or self.batch_syn >= 1, f"batch_syn must be None or >= 1, got {self.batch_syn}"),
+            (self.pix_init in ("real", "noise"), f"pix_init must be 'real' or 'noise', got {self.pix_init!r}"),
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.dsa_strategy is not None:
+            parse_strategy(self.dsa_strategy)
+        if epochs is not None:
+            last_start = max(self.max_start_epoch, self.max_start_epoch_end or 0) - 1
+            if last_start + self.expert_epochs > epochs:
+                raise ValueError(
+                    f"start epochs up to {last_start} (T+ = {self.max_start_epoch}"
+                    f"{', growing to ' + str(self.max_start_epoch_end) if self.max_start_epoch_end else ''})"
+                    f" plus M = {self.expert_epochs} go beyond the {epochs} epochs the experts were trained for;"
+                    f" need T+ - 1 + M <= {epochs}"
+                )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one outer iteration did. ``student_path`` ([N + 1, P], CPU) only when asked for."""
+
+    iteration: int  # 1-based count of finished iterations
+    loss: float
+    syn_lr: float  # alpha after the update
+    expert: int
+    start_epoch: int
+    syn_steps: int
+    expert_epochs: int
+    grad_norm_images: float
+    grad_norm_lr: float
+    seconds: float
+    skipped: bool = False  # True when the loss or a gradient was not finite
+    student_path: Tensor | None = None
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict (without the student path)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "student_path"}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A student step's mini-batch (indices into the synthetic set) and DSA seed."""
+
+    index: Tensor
+    seed: int
+
+
+def trajectory_loss(theta_end: Tensor, theta_start: Tensor, theta_target: Tensor) -> Tensor:
+    """MTT's normalised parameter distance (a scalar):
+    ||theta_end - theta_target||^2 / ||theta_start - theta_target||^2."""
+    return (theta_end - theta_target).pow(2).sum() / (theta_start - theta_target).pow(2).sum()
+
+
+def student_step(fn: Functional, theta: Tensor, images: Tensor, labels: Tensor, lr: Tensor, plan: StepPlan,
+                 strategy: str, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """One SGD step of the student on ``aug(images[plan.index])``.
+
+    theta ``[P]`` (must require grad), images ``[n, c, h, w]``, labels ``[n]`` or ``[n, classes]``.
+    Returns ``(theta - lr * g, g)`` with g = grad_theta CE(f(theta, aug(x)), y). With
+    ``create_graph`` the result stays differentiable with respect to theta, images and lr.
+    """
+    x = dsa(images[plan.index], strategy, seeded_generator(plan.seed))
+    ce = F.cross_entropy(fn(theta, x), labels[plan.index])
+    (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
+    # theta_{i+1} = theta_i - alpha * g_i
+    return theta - lr * g, g
+
+
+def unroll(fn: Functional, theta0: Tensor, images: Tensor, labels: Tensor, lr: Tensor, plans: list[StepPlan],
+           strategy: str) -> Tensor:
+    """theta_N after ``len(plans)`` differentiable student steps from ``theta0`` (shared with DD).
+
+    The whole graph is kept: the result is differentiable with respect to images, lr and theta0.
+    """
+    theta = theta0 if theta0.requires_grad else theta0.detach().requires_grad_(True)
+    for plan in plans:
+        theta, _ = student_step(fn, theta, images, labels, lr, plan, strategy, create_graph=True)
+    return theta
+
+
+class Distiller:
+    """Learns a synthetic set by MTT. Drive it with :meth:`step` or iterate :meth:`steps`.
+
+    store: expert trajectories; train: the real training split (for the initial images and
+    the dataset check). ``images`` ``[C * ipc, c, h, w]``, ``labels`` and ``syn_lr`` (alpha) are
+    readable at any time; N, M, T+ and lr_img may be changed between steps with :meth:`update`.
+    """
+
+    def __init__(self, store: TrajectoryStore, train: ImageDataset, config: DistillConfig | None = None):
+        self.config = config = config or DistillConfig()
+        config.validate(store.epochs)
+        if len(store) == 0:
+            raise TrajectoryStoreError(f"{store.path} holds no finished expert yet")
+        spec = store.model_spec
+        if config.model is not None and config.model != spec["name"]:
+            raise TrajectoryStoreError(f"{store.path} holds {spec['name']} trajectories, not {config.model}")
+        if store.dataset != train.name or (spec["channels"], spec["num_classes"], spec["image_size"]) != (
+                train.channels, train.num_classes, train.image_size):
+            raise TrajectoryStoreError(
+                f"{store.path} was trained on {store.dataset!r} ({spec['channels']}x{spec['image_size']}px, "
+                f"{spec['num_classes']} classes), not on {train.name!r} ({train.channels}x{train.image_size}px, "
+                f"{train.num_classes} classes)")
+        if store.zca != (train.zca is not None):
+            raise TrajectoryStoreError(f"{store.path} was trained {'with' if store.zca else 'without'} ZCA; "
+                                       f"load the real data the same way")
+        self.store, self.train = store, train
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.strategy = (config.dsa_strategy or default_strategy(train.name)) if config.dsa else ""
+        self.fn = Functional(store.build_model().to(self.device, self.dtype))
+        self._trajectories: dict[int, Tensor] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+
+        # synthetic images: ipc real images per class, or Gaussian noise
+        smallest = min(train.class_counts())
+        if config.pix_init == "real" and config.ipc > smallest:
+            raise ValueError(f"ipc={config.ipc} real images per class requested, but the smallest class of "
+                             f"{train.name} has only {smallest}; lower ipc or use pix_init='noise'")
+        images, labels = train.sample_per_class(min(config.ipc, smallest), self.generator)
+        labels = torch.arange(train.num_classes).repeat_interleave(config.ipc).to(self.device)
+        if config.pix_init == "noise":
+            images = torch.randn((len(labels), *images.shape[1:]), generator=self.generator)
+        self._images = images.to(self.device, self.dtype).detach().requires_grad_(True)
+        self._labels = self._soft_labels(labels) if config.soft_labels else labels
+        self._syn_lr = torch.tensor(config.lr_teacher, device=self.device, dtype=self.dtype, requires_grad=True)
+        self._images.grad, self._syn_lr.grad = torch.zeros_like(self._images), torch.zeros_like(self._syn_lr)
+        self.opt_img = torch.optim.SGD([self._images], lr=config.lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self._syn_lr], lr=config.lr_lr, momentum=0.5)
+        self._ema = self._images.detach().clone() if config.ema_decay else None
+
+    # -- what the notebooks read ---------------------------------------------------------------
+    @property
+    def images(self) -> Tensor:
+        """The synthetic images being learned, ``[C * ipc, c, h, w]`` (a detached copy)."""
+        return self._images.detach().clone()
+
+    @property
+    def ema_images(self) -> Tensor | None:
+        return None if self._ema is None else self._ema.clone()
+
+    def final_images(self) -> Tensor:
+        """The set to evaluate: the EMA when ``ema_decay`` is set, else the current images."""
+        return self.ema_images if self._ema is not None else self.images
+
+    @property
+    def labels(self) -> Tensor:
+        """Hard labels ``[C * ipc]`` (int64), or soft labels ``[C * ipc, C]`` with ``soft_labels``."""
+        return self._labels.clone()
+
+    @property
+    def syn_lr(self) -> float:
+        """The learned student step size alpha."""
+        return float(self._syn_lr.detach())
+
+    def update(self, **changes) -> None:
+        """Change N, M, T+, lr_img or other knobs between steps (validated against the store).
+
+        ``update(syn_steps=40, expert_epochs=3)``; ``lr_img`` also updates the optimiser.
+        """
+        allowed = {"syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch", "lr_img", "lr_lr",
+                   "batch_syn", "max_start_epoch_end", "mode", "iterations"}
+        bad = set(changes) - allowed
+        if bad:
+            raise ValueError(f"cannot change {sorted(bad)} during a run; changeable: {sorted(allowed)}")
+        candidate = DistillConfig(**{**asdict(self.config), **changes})
+        candidate.validate(self.store.epochs)
+        self.config = candidate
+        self.opt_img.param_groups[0]["lr"] = candidate.lr_img
+        self.opt_lr.param_groups[0]["lr"] = candidate.lr_lr
+
+    # -- one outer iteration ----------------------------------------------------------------------
+    def _trajectory(self, i: int) -> Tensor:
+        if i not in self._trajectories:  # memory-mapped, one expert at a time, on first use
+            self._trajectories[i] = self.store[i]
+        return self._trajectories[i]
+
+    def _soft_labels(self, hard: Tensor) -> Tensor:
+        """TESLA's soft labels: softmax of expert 0's final weights on the initial images."""
+        theta = self._trajectory(0)[-1].to(self.device, self.dtype)
+        with torch.no_grad():
+            return F.softmax(self.fn(theta, self._images), dim=1)
+
+    def _current_max_start(self) -> int:
+        c = self.config
+        if c.max_start_epoch_end is None or c.iterations <= 1:
+            return c.max_start_epoch
+        # DATM: T+ grows linearly from max_start_epoch to max_start_epoch_end
+        frac = min(self.iteration / (c.iterations - 1), 1.0)
+        return round(c.max_start_epoch + frac * (c.max_start_epoch_end - c.max_start_epoch))
+
+    def _plan(self) -> list[StepPlan]:
+        """N mini-batches by shuffled sweeps over the synthetic set, each with its DSA seed."""
+        n = len(self._labels)
+        batch = min(self.config.batch_syn or n, n)
+        plans, chunks = [], []
+        for _ in range(self.config.syn_steps):
+            if not chunks:
+                chunks = list(torch.randperm(n, generator=self.generator).split(batch))
+            index = chunks.pop(0).to(self.device)
+            plans.append(StepPlan(index, int(torch.randint(2**62, (1,), generator=self.generator))))
+        return plans
+
+    def step(self, return_path: bool = False) -> StepRecord:
+        """Run one outer iteration and return its record (see the module docstring)."""
+        start_time = time.perf_counter()
+        c = self.config
+        expert = int(torch.randint(len(self.store), (1,), generator=self.generator))
+        start_epoch = int(torch.randint(c.min_start_epoch, self._current_max_start(), (1,), generator=self.generator))
+        trajectory = self._trajectory(expert)
+        theta_start = trajectory[start_epoch].to(self.device, self.dtype)
+        theta_target = trajectory[start_epoch + c.expert_epochs].to(self.device, self.dtype)
+        plans = self._plan()
+
+        self.opt_img.zero_grad(set_to_none=False)
+        self.opt_lr.zero_grad(set_to_none=False)
+        if c.mode == "exact":
+            loss, path = self._exact_backward(theta_start, theta_target, plans, return_path)
+        else:
+            loss, path = self._walk_back(theta_start, theta_target, plans, freeze_adjoint=c.mode == "constant")
+
+        grad_images, grad_lr = self._images.grad, self._syn_lr.grad
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_images).all() and torch.isfinite(grad_lr))
+        if finite:
+            self.opt_img.step()
+            self.opt_lr.step()
+            with torch.no_grad():
+                self._syn_lr.clamp_(min=ALPHA_MIN)  # keep alpha positive (projection)
+                if self._ema is not None:
+                    # FTD: ema <- d * ema + (1 - d) * X
+                    self._ema.mul_(c.ema_decay).add_(self._images.detach(), alpha=1 - c.ema_decay)
+        self.iteration += 1
+        return StepRecord(
+            iteration=self.iteration, loss=float(loss), syn_lr=self.syn_lr, expert=expert,
+            start_epoch=start_epoch, syn_steps=c.syn_steps, expert_epochs=c.expert_epochs,
+            grad_norm_images=float(grad_images.norm()), grad_norm_lr=float(grad_lr.abs()),
+            seconds=time.perf_counter() - start_time, skipped=not finite,
+            student_path=torch.stack(path).cpu().float() if return_path else None,
+        )
+
+    def steps(self, iterations: int | None = None, return_path: bool = False) -> Iterator[StepRecord]:
+        """Yield records until ``config.iterations`` (or ``iterations`` more) have run."""
+        stop = self.iteration + iterations if iterations is not None else None
+        while self.iteration < (stop if stop is not None else self.config.iterations):
+            yield self.step(return_path=return_path)
+
+    def _exact_backward(self, theta_start, theta_target, plans, keep_path):
+        """Backpropagation through the whole unrolled graph."""
+        theta = theta_start.detach().requires_grad_(True)
+        path = [theta.detach()]
+        for plan in plans:
+            theta, _ = student_step(self.fn, theta, self._images, self._labels, self._syn_lr, plan,
+                                    self.strategy, create_graph=True)
+            if keep_path:
+                path.append(theta.detach())
+        loss = trajectory_loss(theta, theta_start, theta_target)
+        if torch.isfinite(loss):  # otherwise the gradients stay zero and step() reports a skip
+            loss.backward()
+        return loss.detach(), path
+
+    def _walk_back(self, theta_start, theta_target, plans, freeze_adjoint: bool):
+        """``checkpoint`` (exact, memory flat in N) and ``constant`` (TESLA) gradients."""
+        images, lr = self._images, self._syn_lr
+        # forward: N steps without a graph, keeping theta_0..theta_N
+        path = [theta_start]
+        for plan in plans:
+            theta = path[-1].detach().requires_grad_(True)
+            path.append(student_step(self.fn, theta, images.detach(), self._labels, lr.detach(), plan,
+                                     self.strategy, create_graph=False)[0].detach())
+        loss = trajectory_loss(path[-1], theta_start, theta_target)
+        if not torch.isfinite(loss):
+            return loss, path
+        # lambda_N = dloss/dtheta_N = 2 (theta_N - theta*_{t+M}) / ||theta*_t - theta*_{t+M}||^2
+        adjoint = 2 * (path[-1] - theta_target) / (theta_start - theta_target).pow(2).sum()
+        grad_images = torch.zeros_like(images)
+        grad_lr = torch.zeros_like(lr)
+        alpha = lr.detach()
+        for i in reversed(range(len(plans))):
+            theta = path[i].detach().requires_grad_(True)
+            _, g = student_step(self.fn, theta, images, self._labels, alpha, plans[i], self.strategy,
+                                create_graph=True)
+            # s = g_i . lambda_{i+1}; its derivatives give the image gradient and H_i lambda_{i+1}
+            s = (g * adjoint).sum()
+            need_hvp = not freeze_adjoint and i > 0
+            grads = torch.autograd.grad(s, [images, theta] if need_hvp else [images])
+            grad_images -= alpha * grads[0]
+            grad_lr -= g.detach() @ adjoint
+            if need_hvp:
+                # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
+                adjoint = adjoint - alpha * grads[1]
+        images.grad.copy_(grad_images)
+        lr.grad.copy_(grad_lr)
+        return loss, path
+
+    # -- saving and resuming --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: images, alpha, optimisers, RNG, iteration, config."""
+        return {
+            "images": self._images.detach().cpu(), "labels": self._labels.cpu(),
+            "syn_lr": self._syn_lr.detach().cpu(), "ema": None if self._ema is None else self._ema.cpu(),
+            "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
+            "generator": self.generator.get_state(), "iteration": self.iteration, "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (the store and dataset must be the same)."""
+        self.config = DistillConfig(**state["config"])
+        with torch.no_grad():
+            self._images.copy_(state["images"])
+            self._syn_lr.copy_(state["syn_lr"])
+        self._labels = state["labels"].to(self.device)
+        if state["ema"] is not None:
+            self._ema = state["ema"].to(self.device, self.dtype)
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.generator.set_state(state["generator"])
+        self.iteration = state["iteration"]

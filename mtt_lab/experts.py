@@ -1,0 +1,254 @@
+"""Expert networks and their recorded parameter trajectories.
+
+An *expert* is a network trained from scratch on the real data; its *trajectory* is the flat
+parameter vector theta*_e (see ``models.Functional``) at epoch e = 0 (initialisation) and after
+every epoch e = 1..E, a ``[E + 1, P]`` float32 tensor. MTT's recipe: plain SGD (lr 0.01, no
+momentum, no weight decay), batch 256, DSA on.
+
+On disk a :class:`TrajectoryStore` is a folder::
+
+    manifest.json        model spec, dataset, hyper-parameters, P, E, per-expert metrics
+    expert_000.pt        [E + 1, P] float32 tensor (torch.save of a plain tensor)
+    expert_001.pt        ...
+
+Every file is written to a temporary name and renamed into place, and the manifest lists an
+expert only once its file is complete, so a killed run loses at most the expert in progress
+and ``train_experts`` on the same folder carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import __version__
+from .augment import default_strategy
+from .data import load_splits
+from .models import Functional, get_model
+from .train import accuracy, resolve_device, train_epoch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class TrajectoryStoreError(RuntimeError):
+    """A trajectory store is missing, corrupt, or does not match what was asked for."""
+
+
+@dataclass
+class ExpertConfig:
+    """How to train the experts (defaults: MTT's recipe on the bundled digits)."""
+
+    dataset: str = "mnist10k"
+    model: str = "ConvNet"
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 32}
+    num_experts: int = 5
+    epochs: int = 20
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: bool = True  # DSA with the dataset's default strategy (no flips for digits)
+    zca: bool = False  # ZCA-whiten the data (MTT does for CIFAR)
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self):
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def model_spec(config: ExpertConfig, channels: int, num_classes: int, image_size: int) -> dict:
+    """Everything ``get_model`` needs to rebuild the experts' architecture."""
+    return {"name": config.model, "channels": channels, "num_classes": num_classes,
+            "image_size": image_size, "kwargs": dict(config.model_kwargs)}
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    return get_model(spec["name"], spec["channels"], spec["num_classes"], spec["image_size"], **spec["kwargs"])
+
+
+class TrajectoryStore:
+    """A folder of expert trajectories (see the module docstring); loads one expert at a time.
+
+    ``store[i]`` is expert i's trajectory ``[E + 1, P]``, memory-mapped from disk, read with
+    ``torch.load(weights_only=True)`` so no code is ever unpickled.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise TrajectoryStoreError(f"no trajectory store at {str(self.path)!r}: {MANIFEST} is missing")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.manifest["experts"], self.manifest["model"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise TrajectoryStoreError(f"{manifest} is not a valid trajectory manifest ({exc})") from exc
+
+    @classmethod
+    def create(cls, path, spec: dict, config: ExpertConfig, num_params: int) -> TrajectoryStore:
+        """Start an empty store, or reopen an existing one if it was made with the same settings."""
+        path = Path(path)
+        settings = asdict(config)
+        for key in ("num_experts", "device"):  # these may differ on a resumed run
+            settings.pop(key)
+        if (path / MANIFEST).exists():
+            store = cls(path)
+            if store.manifest["model"] != spec or store.manifest["config"] != settings:
+                raise TrajectoryStoreError(
+                    f"{str(path)!r} already holds experts trained with other settings "
+                    f"(model {store.manifest['model']}, config {store.manifest['config']}); "
+                    f"choose another --out folder or the same settings"
+                )
+            return store
+        atomic_write_json(path / MANIFEST, {
+            "format": FORMAT_VERSION, "mtt_lab_version": __version__, "model": spec,
+            "dataset": config.dataset, "split": "train", "config": settings,
+            "num_params": num_params, "epochs": config.epochs, "experts": [],
+        })
+        return cls(path)
+
+    # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.manifest["experts"])
+
+    @property
+    def epochs(self) -> int:
+        return self.manifest["epochs"]
+
+    @property
+    def num_params(self) -> int:
+        return self.manifest["num_params"]
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]
+
+    @property
+    def model_spec(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def zca(self) -> bool:
+        return self.manifest["config"]["zca"]
+
+    def metrics(self, i: int) -> dict:
+        """Expert i's ``{"train_loss": [E], "test_acc": [E + 1], "seed", "seconds", "file"}``."""
+        return self.manifest["experts"][i]
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.model_spec)
+
+    def __getitem__(self, i: int) -> Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"expert {i} out of range: {self.path} holds {len(self)} experts")
+        file = self.path / self.manifest["experts"][i]["file"]
+        try:
+            trajectory = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as exc:
+            raise TrajectoryStoreError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
+        expected = (self.epochs + 1, self.num_params)
+        if not isinstance(trajectory, Tensor) or tuple(trajectory.shape) != expected:
+            got = list(trajectory.shape) if isinstance(trajectory, Tensor) else type(trajectory).__name__
+            raise TrajectoryStoreError(f"{file} holds {got}, expected a tensor of shape {list(expected)}")
+        return trajectory
+
+    def check_compatible(self, model_spec: dict | None = None, dataset: str | None = None) -> None:
+        """Raise if the store was written for another architecture or dataset."""
+        if model_spec is not None and model_spec != self.model_spec:
+            raise TrajectoryStoreError(f"{self.path} holds {self.model_spec}, not the requested model {model_spec}")
+        if dataset is not None and dataset != self.dataset:
+            raise TrajectoryStoreError(f"{self.path} was trained on {self.dataset!r}, not {dataset!r}")
+
+    def validate(self) -> list[str]:
+        """Read every expert file; return one line per problem (empty when all is well)."""
+        problems = []
+        for i in range(len(self)):
+            try:
+                if not torch.isfinite(self[i]).all():
+                    problems.append(f"{self.path / self.metrics(i)['file']}: holds non-finite values")
+            except TrajectoryStoreError as exc:
+                problems.append(str(exc))
+        return problems
+
+    # -- writing -------------------------------------------------------------------------------
+    def append(self, trajectory: Tensor, metrics: dict) -> None:
+        """Write one expert's ``[E + 1, P]`` trajectory atomically, then list it in the manifest."""
+        name = f"expert_{len(self):03d}.pt"
+        data = trajectory.detach().to("cpu", torch.float32).contiguous()
+        atomic_write_bytes(self.path / name, lambda f: torch.save(data, f))
+        self.manifest["experts"].append({"file": name, **metrics})
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool = True) -> TrajectoryStore:
+    """Train ``config.num_experts`` experts into the store at ``out`` (resuming if it exists).
+
+    Each expert starts from its own seed (``config.seed * 1000 + i``), trains ``config.epochs``
+    epochs, and records theta*_0..theta*_E plus train loss and test accuracy per epoch.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    train, test = load_splits(config.dataset, zca=config.zca, device=device)
+    spec = model_spec(config, train.channels, train.num_classes, train.image_size)
+    probe = build_model(spec)
+    store = TrajectoryStore.create(out, spec, config, Functional(probe).num_params)
+    strategy = default_strategy(config.dataset) if config.dsa else ""
+
+    for i in tqdm(range(len(store), config.num_experts), desc="experts", disable=not progress,
+                  initial=len(store), total=config.num_experts):
+        seed = config.seed * 1000 + i
+        torch.manual_seed(seed)
+        model = build_model(spec).to(device)
+        flat = Functional(model)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        snapshots = [flat.flat_params().cpu()]
+        test_acc = [accuracy(model, test.images, test.labels)]
+        train_loss, start = [], time.perf_counter()
+        epochs = tqdm(range(config.epochs), desc=f"expert {i}", leave=False, disable=not progress)
+        for _ in epochs:
+            train_loss.append(train_epoch(model, optimizer, train.images, train.labels,
+                                          config.batch_size, generator, strategy))
+            test_acc.append(accuracy(model, test.images, test.labels))
+            snapshots.append(flat.flat_params().cpu())
+            epochs.set_postfix(loss=f"{train_loss[-1]:.3f}", acc=f"{test_acc[-1]:.3f}")
+        store.append(torch.stack(snapshots), {"seed": seed, "train_loss": train_loss, "test_acc": test_acc,
+                                              "seconds": round(time.perf_counter() - start, 2)})
+    return store
