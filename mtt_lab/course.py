@@ -55,7 +55,7 @@ class Preset:
 
 
 QUICK = Preset("quick", model_kwargs={"width": 32}, num_experts=2, expert_epochs_trained=4, syn_steps=10,
-               expert_epochs=2, max_start_epoch=3, iterations=100, eval_epochs=200, eval_runs=2)
+               expert_epochs=2, max_start_epoch=3, iterations=200, eval_epochs=300, eval_runs=3)
 FULL = Preset("full")
 
 

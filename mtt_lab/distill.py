@@ -37,6 +37,7 @@ the run (DATM's window).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -98,6 +99,9 @@ class DistillConfig:
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.max_start_epoch_end is None or self.max_start_epoch_end >= self.max_start_epoch,
+             f"max_start_epoch_end (DATM's window only grows) must be >= max_start_epoch={self.max_start_epoch}, "
+             f"got {self.max_start_epoch_end}"),
             (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
         ]
         for ok, message in checks:
@@ -396,12 +400,13 @@ class Distiller:
     # -- saving and resuming --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: images, alpha, optimisers, RNG, iteration, config."""
-        return {
+        # deep-copied: a snapshot must not change when the run goes on
+        return copy.deepcopy({
             "images": self._images.detach().cpu(), "labels": self._labels.cpu(),
             "syn_lr": self._syn_lr.detach().cpu(), "ema": None if self._ema is None else self._ema.cpu(),
             "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
             "generator": self.generator.get_state(), "iteration": self.iteration, "config": asdict(self.config),
-        }
+        })
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (the store and dataset must be the same)."""

@@ -1,0 +1,327 @@
+"""The ``mtt-lab`` command: experts, distill, evaluate, info, quickstart, kd, dlb.
+
+A *run folder* (written by ``mtt-lab distill``) holds::
+
+    config.json      the DistillConfig and the expert store it used
+    checkpoint.pt    Distiller.state_dict(), rewritten atomically every --checkpoint-every iterations
+    log.jsonl        one StepRecord per line
+    images.pt        {"images", "labels", "syn_lr", "dataset"}: the distilled set
+    grid.png         the distilled images, one row per class
+    eval.json        written by ``mtt-lab evaluate``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import DATASETS, ImageDataset, load_splits
+from .distill import MODES, DistillConfig, Distiller
+from .evaluate import EvalResult, evaluate_synset
+from .experts import ExpertConfig, TrajectoryStore, TrajectoryStoreError, atomic_write_bytes, atomic_write_json, \
+    train_experts
+from .models import MODELS
+from .train import resolve_device
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def save_synthetic_set(run: Path, distiller: Distiller) -> None:
+    """images.pt and grid.png of a run folder."""
+    from .viz import grid_png
+
+    images = distiller.final_images().cpu()
+    save_torch(run / "images.pt", {"images": images, "labels": distiller.labels.cpu(),
+                                   "syn_lr": distiller.syn_lr, "dataset": distiller.train.name})
+    png = grid_png(images, distiller.train)
+    atomic_write_bytes(run / "grid.png", lambda f: f.write(png))
+
+
+def load_synthetic_set(run: Path) -> dict:
+    file = Path(run) / "images.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: is {run} a finished `mtt-lab distill` run folder?")
+    return torch.load(file, weights_only=True, map_location="cpu")
+
+
+def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConfig, run: Path,
+                checkpoint_every: int = 50, resume: bool = False, progress: bool = True) -> Distiller:
+    """Distil into run folder ``run``; with ``resume`` continue from its checkpoint exactly."""
+    run.mkdir(parents=True, exist_ok=True)
+    distiller = Distiller(store, train, config)
+    log = run / "log.jsonl"
+    checkpoint = run / "checkpoint.pt"
+    if resume:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
+        distiller.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
+        distiller.update(iterations=config.iterations)  # a resumed run may be extended
+        # drop records written after the checkpoint: they will be recomputed identically
+        lines = log.read_text().splitlines() if log.is_file() else []
+        atomic_write_bytes(log, lambda f: f.write("".join(l + "\n" for l in lines[:distiller.iteration]).encode()))
+    else:
+        atomic_write_json(run / "config.json", {"distill": asdict(config), "experts": str(store.path)})
+        log.write_text("")
+    bar = tqdm(total=distiller.config.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
+    with log.open("a") as out:
+        for record in distiller.steps():
+            out.write(json.dumps(record.as_dict()) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.syn_lr:.4f}")
+            if record.iteration % checkpoint_every == 0 or record.iteration == distiller.config.iterations:
+                out.flush()
+                save_torch(checkpoint, distiller.state_dict())
+    bar.close()
+    save_synthetic_set(run, distiller)
+    return distiller
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_experts(args) -> None:
+    config = ExpertConfig(dataset=args.dataset, model=args.model, num_experts=args.experts, epochs=args.epochs,
+                          lr=args.lr, batch_size=args.batch_size, dsa=not args.no_dsa, zca=args.zca,
+                          seed=args.seed, device=args.device)
+    t0 = time.perf_counter()
+    store = train_experts(config, args.out)
+    print(f"{len(store)} experts in {store.path} ({time.perf_counter() - t0:.0f} s)")
+    _print_store(store)
+
+
+def _print_store(store: TrajectoryStore) -> None:
+    spec = store.model_spec
+    print(f"trajectory store {store.path}: {spec['name']} {spec['kwargs'] or ''} on {store.dataset}, "
+          f"{len(store)} experts x {store.epochs} epochs, P = {store.num_params:,} parameters")
+    for i in range(len(store)):
+        m = store.metrics(i)
+        print(f"  expert {i}: final test accuracy {100 * m['test_acc'][-1]:.2f} %, {m['seconds']:.0f} s")
+
+
+def cmd_info(args) -> int:
+    path = Path(args.path)
+    if (path / "manifest.json").is_file():
+        store = TrajectoryStore(path)
+        _print_store(store)
+        problems = store.validate()
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()] \
+            if (path / "log.jsonl").is_file() else []
+        print(f"run folder {path}: experts {config['experts']}, {len(log)} iterations logged")
+        if log:
+            print(f"  last loss {log[-1]['loss']:.4f}, alpha {log[-1]['syn_lr']:.5f}")
+        problems = []
+        for name in ("checkpoint.pt", "images.pt"):
+            try:
+                torch.load(path / name, weights_only=True, map_location="cpu")
+            except Exception as exc:
+                problems.append(f"{path / name}: {type(exc).__name__}: {exc}")
+        if (path / "eval.json").is_file():
+            for row in json.loads((path / "eval.json").read_text()):
+                print(f"  evaluated: {row['model']}: {100 * row['mean']:.2f} ± {100 * row['std']:.2f} %")
+    else:
+        print(f"{path} is neither a trajectory store (manifest.json) nor a run folder (config.json)",
+              file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"BAD: {problem}", file=sys.stderr)
+    if not problems:
+        print("all files OK")
+    return 1 if problems else 0
+
+
+def _distill_config(args, **overrides) -> DistillConfig:
+    fields = dict(ipc=args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                  max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
+                  lr_teacher=args.lr_teacher, batch_syn=args.batch_syn, pix_init=args.pix_init,
+                  iterations=args.iterations or DistillConfig.iterations, mode=args.mode, soft_labels=args.soft_labels,
+                  ema_decay=args.ema_decay, seed=args.seed, device=args.device)
+    return DistillConfig(**{**fields, **overrides})
+
+
+def cmd_distill(args) -> None:
+    store = TrajectoryStore(args.experts)
+    device = resolve_device(args.device)
+    train, _ = load_splits(store.dataset, zca=store.zca, device=device)
+    run = Path(args.out)
+    config = _distill_config(args)
+    if args.resume:  # the run's own settings; --iterations may extend it
+        config = DistillConfig(**json.loads((run / "config.json").read_text())["distill"])
+        config.iterations = args.iterations or config.iterations
+    distiller = distill_run(store, train, config, run, args.checkpoint_every, args.resume)
+    print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {run}")
+
+
+def cmd_evaluate(args) -> None:
+    device = resolve_device(args.device)
+    if args.run:
+        synthetic = load_synthetic_set(Path(args.run))
+        images, labels = synthetic["images"], synthetic["labels"]
+        train, test = load_splits(synthetic["dataset"], device=device)
+        lr = synthetic["syn_lr"] if args.lr is None else args.lr  # evaluation reuses the learned alpha
+    else:
+        train, test = load_splits(args.dataset, device=device)
+        images, labels = _baseline_set(args.baseline, train, args.ipc, args.seed)
+        lr = 0.01 if args.lr is None else args.lr
+    results = []
+    for model in args.models:
+        result = evaluate_synset(images, labels, test, model=model, lr=lr, epochs=args.epochs,
+                                 runs=args.runs, seed=args.seed)
+        print(result)
+        results.append(result)
+    rows = [{**asdict(r), "mean": r.mean, "std": r.std} for r in results]
+    if args.run:
+        atomic_write_json(Path(args.run) / "eval.json", rows)
+
+
+def _baseline_set(name: str, train: ImageDataset, ipc: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    if name == "random":
+        return train.sample_per_class(ipc, generator)
+    if name == "full":
+        return train.images, train.labels
+    raise ValueError(f"unknown baseline {name!r}; choose random or full")
+
+
+def cmd_quickstart(args) -> None:
+    """Experts -> MTT at IPC 1 -> evaluation of Random vs MTT, on the bundled digits."""
+    from .course import QUICK as p
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    print(f"mtt-lab {__version__} quickstart on mnist10k (device {device}) -> {out}")
+    print(f"1/3 training {p.num_experts} experts (ConvNet {p.model_kwargs}, {p.expert_epochs_trained} epochs)")
+    store = train_experts(ExpertConfig(model_kwargs=p.model_kwargs, num_experts=p.num_experts,
+                                       epochs=p.expert_epochs_trained, device=str(device)), out / "experts")
+    train, test = load_splits("mnist10k", device=device)
+    print(f"2/3 distilling 10 images (IPC 1) by trajectory matching: N={p.syn_steps}, M={p.expert_epochs}, "
+          f"T+={p.max_start_epoch}, {p.iterations} iterations")
+    config = DistillConfig(ipc=1, syn_steps=p.syn_steps, expert_epochs=p.expert_epochs,
+                           max_start_epoch=p.max_start_epoch, iterations=p.iterations, lr_img=p.lr_img,
+                           lr_lr=p.lr_lr, device=str(device))
+    # the baseline: the random real images MTT starts from (the Distiller draws them with this seed)
+    random_images, random_labels = train.sample_per_class(1, torch.Generator().manual_seed(config.seed))
+    distiller = distill_run(store, train, config, out / "run")
+    print(f"3/3 evaluating: {p.eval_runs} fresh ConvNets trained {p.eval_epochs} epochs on each 10-image set")
+    kw = dict(test=test, model_kwargs=p.model_kwargs, epochs=p.eval_epochs, runs=p.eval_runs)
+    random = evaluate_synset(random_images, random_labels, lr=0.01, **kw)
+    mtt = evaluate_synset(distiller.final_images(), distiller.labels, lr=distiller.syn_lr, **kw)
+    expert_acc = [store.metrics(i)["test_acc"][-1] for i in range(len(store))]
+    seconds = time.perf_counter() - t0
+    summary = {"random_acc": list(random.accuracies), "mtt_acc": list(mtt.accuracies), "expert_acc": expert_acc,
+               "seconds": round(seconds, 1), "preset": asdict(p)}
+    atomic_write_json(out / "summary.json", summary)
+    print()
+    print(_table([("Random real, IPC 1", random), ("MTT distilled, IPC 1", mtt),
+                  ("Experts (all 8,000 images)", expert_acc)]))
+    print(f"\nimages: {out / 'run' / 'grid.png'}   summary: {out / 'summary.json'}   ({seconds:.0f} s)")
+
+
+def _table(rows) -> str:
+    lines = [f"{'training set':<28} {'test accuracy (final epoch)':>28}", "-" * 57]
+    for name, r in rows:
+        accs = r.accuracies if isinstance(r, EvalResult) else r
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
+        lines.append(f"{name:<28} {100 * mean:>20.2f} ± {100 * std:.2f} %")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtt-lab", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--seed", type=int, default=0)
+        return p
+
+    p = command("experts", "train expert networks and record their parameter trajectories")
+    p.add_argument("--dataset", default="mnist10k", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL", help="network architecture")
+    p.add_argument("--experts", type=int, default=5, help="number of experts K")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per expert E")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-dsa", action="store_true", help="train without differentiable augmentation")
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten the data (MTT does for CIFAR)")
+    p.add_argument("--out", required=True, help="trajectory store folder (resumed if it exists)")
+    p.set_defaults(func=cmd_experts)
+
+    p = command("info", "summarise and validate a trajectory store or a run folder")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
+    d = DistillConfig()
+    p = command("distill", "distil a synthetic set by matching expert trajectories")
+    p.add_argument("--experts", required=True, help="trajectory store folder")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--ipc", type=int, default=d.ipc, help="images per class")
+    p.add_argument("--syn-steps", type=int, default=d.syn_steps, help="N, student steps per iteration")
+    p.add_argument("--expert-epochs", type=int, default=d.expert_epochs, help="M, target = theta*_{t+M}")
+    p.add_argument("--max-start-epoch", type=int, default=d.max_start_epoch, help="T+, start epoch in [0, T+)")
+    p.add_argument("--lr-img", type=float, default=d.lr_img)
+    p.add_argument("--lr-lr", type=float, default=d.lr_lr)
+    p.add_argument("--lr-teacher", type=float, default=d.lr_teacher, help="initial student step size alpha")
+    p.add_argument("--batch-syn", type=int, default=None, help="synthetic mini-batch (default: all)")
+    p.add_argument("--pix-init", default=d.pix_init, choices=["real", "noise"])
+    p.add_argument("--iterations", type=int, default=None, help=f"outer iterations (default {d.iterations})")
+    p.add_argument("--mode", default=d.mode, choices=list(MODES), help="gradient mode")
+    p.add_argument("--soft-labels", action="store_true", help="TESLA soft labels from an expert")
+    p.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.set_defaults(func=cmd_distill)
+
+    p = command("evaluate", "train fresh networks on a distilled set (or a baseline) and report test accuracy")
+    p.add_argument("run", nargs="?", help="a run folder; omit to evaluate --baseline")
+    p.add_argument("--baseline", default="random", help="random | full (when no run folder is given)")
+    p.add_argument("--dataset", default="mnist10k")
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--models", nargs="+", default=["ConvNet"], help="architectures to train (cross-architecture)")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=None, help="default: the run's learned alpha, or 0.01")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = command("quickstart", "the whole pipeline on the bundled digits in about two minutes on a CPU")
+    p.add_argument("--out", default="runs/quickstart")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, TrajectoryStoreError) as exc:
+        print(f"mtt-lab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The mtt-lab command line: experts -> info -> distill (with resume) -> evaluate, and quickstart."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtt_lab.cli import main
+
+TINY = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "experts"
+    assert main(["experts", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def distill_args(store_dir, out, iterations, *extra):
+    return ["distill", "--experts", str(store_dir), "--out", str(out), "--syn-steps", "3", "--expert-epochs", "1",
+            "--max-start-epoch", "2", "--iterations", str(iterations), "--checkpoint-every", "2", "--device", "cpu",
+            *extra]
+
+
+def test_experts_and_info(store_dir, capsys):
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    assert len(manifest["experts"]) == 2 and manifest["model"]["name"] == "ConvNetW16"
+    assert main(["info", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2 experts x 3 epochs" in out and "all files OK" in out
+
+
+def test_info_names_a_corrupt_file(store_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in store_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "expert_001.pt").read_bytes()
+    (broken / "expert_001.pt").write_bytes(data[: len(data) // 2])
+    assert main(["info", str(broken)]) == 1
+    assert "expert_001.pt" in capsys.readouterr().err
+
+
+def test_distill_resume_matches_an_uninterrupted_run(store_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(distill_args(store_dir, straight, 6)) == 0
+    assert main(distill_args(store_dir, resumed, 4)) == 0  # as if killed after 4 iterations...
+    assert main(distill_args(store_dir, resumed, 6, "--resume")) == 0  # ...and resumed to 6
+    a = torch.load(straight / "images.pt", weights_only=True)
+    b = torch.load(resumed / "images.pt", weights_only=True)
+    assert torch.equal(a["images"], b["images"]) and a["syn_lr"] == b["syn_lr"]
+    log_a = (straight / "log.jsonl").read_text().splitlines()
+    log_b = (resumed / "log.jsonl").read_text().splitlines()
+    assert len(log_a) == len(log_b) == 6
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert [strip(x) for x in log_a] == [strip(x) for x in log_b]
+    assert (straight / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_a_run_and_a_baseline(store_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(distill_args(store_dir, run, 2)) == 0
+    assert main(["evaluate", str(run), "--models", "ConvNetW16", "LeNet", "--epochs", "3", "--runs", "2",
+                 "--device", "cpu"]) == 0
+    rows = json.loads((run / "eval.json").read_text())
+    assert [r["model"] for r in rows] == ["ConvNetW16", "LeNet"]
+    assert all(len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 1 for r in rows)
+    assert main(["evaluate", "--baseline", "random", "--ipc", "2", "--models", "ConvNetW16", "--epochs", "2",
+                 "--runs", "1", "--device", "cpu"]) == 0
+    assert "ConvNetW16:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["experts", "--dataset", "nope", "--out", "x"], "'nope'"),
+    (["experts", "--experts", "0", "--out", "x"], "num_experts must be >= 1, got 0"),
+    (["distill", "--experts", "/nonexistent/store", "--out", "x"], "/nonexistent/store"),
+    (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_distill_rejects_a_start_epoch_beyond_the_trajectories(store_dir, tmp_path, capsys):
+    argv = distill_args(store_dir, tmp_path / "r", 2)
+    argv[argv.index("--max-start-epoch") + 1] = "5"
+    assert main(argv) == 2
+    assert "beyond the 3 epochs" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "mtt_lab.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("experts", "distill", "evaluate", "info", "quickstart"):
+        assert command in out.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_beats_random(tmp_path):
+    """The README's demo: MTT at IPC 1 clearly beats the random real images it starts from."""
+    assert main(["quickstart", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"random_acc", "mtt_acc", "expert_acc", "seconds"}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(summary["mtt_acc"]) > mean(summary["random_acc"]) + 0.1
+    assert mean(summary["expert_acc"]) > 0.8
+    assert (tmp_path / "run" / "grid.png").is_file()
