@@ -173,9 +173,10 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name in NORMALISATION:
         mean, std = NORMALISATION[name]
-    else:  # image folders: statistics of the split itself
-        mean = tuple(images.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    else:  # image folders: statistics of the training split, for both splits
+        stats = images if split == "train" else _load_folder(Path(name[len("folder:"):]), "train", image_size)[0]
+        mean = tuple(stats.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(stats.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     # x_normalised = (x - mean_c) / std_c, per channel c
     images = (images - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     return ImageDataset(name, images.contiguous(), labels.long(), list(classes), mean, std).to(device)
@@ -251,7 +252,8 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool):
     else:  # CIFAR: [n, h, w, c]
         images = data.permute(0, 3, 1, 2)
     labels = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets))
-    classes = getattr(ds, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+    # SVHN has no .classes: its ten digits, whatever labels this split happens to hold
+    classes = getattr(ds, "classes", None) or [str(c) for c in range(10)]
     return images.float().div(255), labels, classes
 
 
@@ -262,7 +264,10 @@ def _load_folder(path: Path, split: str, image_size: int):
     if not path.is_dir():
         raise DatasetUnavailable(f"image folder {str(path)!r} does not exist; {OFFLINE_HINT}")
     split_dir = path / split
-    tree = ImageFolder(str(split_dir if split_dir.is_dir() else path))
+    try:  # ImageFolder raises FileNotFoundError for a tree without class folders or images
+        tree = ImageFolder(str(split_dir if split_dir.is_dir() else path))
+    except FileNotFoundError as exc:
+        raise DatasetUnavailable(f"image folder {str(path)!r} holds no images ({exc})") from exc
     if len(tree) == 0:
         raise DatasetUnavailable(f"image folder {str(path)!r} holds no images")
     pixels = []

@@ -239,4 +239,6 @@ class Functional:
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         """theta ``[P]``, x ``[batch, c, h, w]`` -> logits ``[batch, num_classes]``."""
-        return functional_call(self.model, (self.unflatten(theta), dict(self.model.named_buffers())), (x,))
+        # clones, so a train-mode batch norm updates copies of its running stats, not the module's
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        return functional_call(self.model, (self.unflatten(theta), buffers), (x,))

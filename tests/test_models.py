@@ -1,0 +1,156 @@
+"""mtt_lab.models: every architecture's shapes, and the flat-parameter view ``Functional``."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtt_lab.models import MODELS, ConvNet, Functional, get_model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_builds_and_gives_logits(name):
+    torch.manual_seed(0)
+    for channels, size in ((1, 28), (3, 32)):
+        model = get_model(name, channels, 10, size)
+        x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = model(x)
+            features = model.embed(x)
+        assert logits.shape == (2, 10)
+        assert torch.isfinite(logits).all()
+        assert features.shape[0] == 2 and features.ndim == 2
+        assert not torch.equal(logits[0], logits[1])  # the two images are told apart
+
+
+@pytest.mark.parametrize("depth, size, side", [(3, 28, 4), (3, 32, 4), (1, 28, 16), (2, 32, 8), (5, 28, 1)])
+def test_convnet_geometry(depth, size, side):
+    model = get_model("ConvNet", 1, 10, size, width=8, depth=depth)
+    first = model.features[0]
+    assert isinstance(first, torch.nn.Conv2d)
+    assert first.padding == ((3, 3) if size == 28 else (1, 1))  # 28 px digits are padded to 32
+    assert model.classifier.in_features == 8 * side * side
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == depth and all(c.out_channels == 8 for c in convs)
+    assert model.embed(torch.zeros(1, 1, size, size)).shape == (1, 8 * side * side)
+
+
+def test_model_variants_and_overrides():
+    default = get_model("ConvNet", 3, 10, 32)
+    assert isinstance(default, ConvNet) and default.classifier.in_features == 128 * 16
+    assert isinstance(get_model("ConvNetBN", 3, 10, 32).features[1], torch.nn.BatchNorm2d)
+    assert isinstance(get_model("ConvNetNN", 3, 10, 32).features[1], torch.nn.Identity)
+    assert isinstance(get_model("ConvNetMP", 3, 10, 32).features[3], torch.nn.MaxPool2d)
+    assert get_model("ConvNetW16", 3, 7, 32, depth=1).classifier.weight.shape == (7, 16 * 16 * 16)
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown model 'ResNet50'"):
+        get_model("ResNet50", 3, 10, 32)
+    with pytest.raises(ValueError, match="unknown norm 'group'"):
+        get_model("ConvNet", 3, 10, 32, norm="group")
+    with pytest.raises(ValueError, match="unknown pooling 'sum'"):
+        get_model("ConvNet", 3, 10, 32, pooling="sum")
+    with pytest.raises(ValueError, match="image_size=16"):
+        get_model("LeNet", 3, 10, 16)
+
+
+def small_convnet(dtype=torch.float32, norm="instance", seed=0):
+    torch.manual_seed(seed)
+    return get_model("ConvNet", 3, 10, 16, width=8, depth=2, norm=norm).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functional_equals_module_exactly(dtype):
+    model = small_convnet(dtype)
+    f = Functional(model)
+    assert f.num_params == sum(p.numel() for p in model.parameters())
+    assert f.names == [n for n, _ in model.named_parameters()]
+    x = torch.randn(4, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    theta = f.flat_params()
+    assert theta.shape == (f.num_params,) and theta.dtype == dtype and not theta.requires_grad
+    assert torch.equal(f(theta, x), model(x))
+    # another theta gives other logits: the vector really is used
+    assert not torch.allclose(f(theta * 1.1, x), model(x))
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_functional_gradient_matches_module_grads(norm):
+    model = small_convnet(torch.float64, norm=norm)
+    model.train()
+    f = Functional(model)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+
+    F.cross_entropy(model(x), y).backward()
+    module_grad = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
+
+    theta = f.flat_params().requires_grad_()
+    (grad,) = torch.autograd.grad(F.cross_entropy(f(theta, x), y), theta)
+    assert grad.shape == theta.shape and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, module_grad, atol=1e-12, rtol=1e-10)
+
+
+def test_unflatten_views_share_storage():
+    model = small_convnet()
+    f = Functional(model)
+    theta = torch.arange(f.num_params, dtype=torch.float32)
+    params = f.unflatten(theta)
+    assert list(params) == f.names
+    offset = 0
+    for (name, p), view in zip(model.named_parameters(), params.values()):
+        assert view.shape == p.shape
+        assert view.untyped_storage().data_ptr() == theta.untyped_storage().data_ptr()
+        assert view.reshape(-1)[0].item() == offset  # row-major, in named_parameters() order
+        offset += p.numel()
+    theta[0] = -5.0
+    assert params[f.names[0]].reshape(-1)[0].item() == -5.0  # no copy
+
+
+def test_wrong_shape_theta_is_rejected():
+    f = Functional(small_convnet())
+    P = f.num_params
+    for bad in (torch.zeros(P - 1), torch.zeros(1, P), torch.zeros(P + 3)):
+        with pytest.raises(ValueError, match=re.escape(f"shape [{P}], got {list(bad.shape)}")):
+            f.unflatten(bad)
+    with pytest.raises(ValueError):
+        f(torch.zeros(P - 1), torch.zeros(1, 3, 16, 16))
+
+
+def test_load_into_round_trip():
+    source = small_convnet(seed=0)
+    f = Functional(source)
+    theta = torch.randn(f.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = small_convnet(seed=1)
+    assert f.load_into(theta, target) is target
+    assert torch.equal(Functional(target).flat_params(), theta.float())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(target(x), f(theta.float(), x))
+    # the default target is the wrapped module; the source theta is not touched by later edits
+    before = f.flat_params()
+    assert f.load_into(theta * 0) is source and f.flat_params().abs().sum() == 0
+    assert not torch.equal(before, f.flat_params())
+
+
+def test_batchnorm_functional_in_train_mode():
+    model = small_convnet(norm="batch")
+    model.train()
+    f = Functional(model)
+    bn = model.features[1]
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    theta = f.flat_params().requires_grad_()
+    out = f(theta, x)
+    # the Functional never writes to the module: its running statistics stay as they were
+    assert torch.equal(bn.running_mean, running_mean) and torch.equal(bn.running_var, running_var)
+    assert int(bn.num_batches_tracked) == 0
+    # train mode normalises with batch statistics: same as the module in train mode
+    torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
+    assert not torch.equal(bn.running_mean, running_mean)  # while the module itself does update them
+    (grad,) = torch.autograd.grad(out.square().mean(), theta)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # eval mode uses the module's running statistics
+    model.eval()
+    torch.testing.assert_close(f(theta.detach(), x), model(x), atol=1e-6, rtol=1e-6)
