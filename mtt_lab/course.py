@@ -48,7 +48,7 @@ class Preset:
     expert_epochs: int = 2  # M
     max_start_epoch: int = 10  # T+
     iterations: int = 1000
-    lr_img: float = 100.0
+    lr_img: float = 1000.0
     lr_lr: float = 1e-5
     eval_epochs: int = 300
     eval_runs: int = 3

@@ -66,7 +66,7 @@ class DistillConfig:
     expert_epochs: int = 2  # M: the target is theta*_{t+M}
     max_start_epoch: int = 10  # T+: start epoch t ~ U[min_start_epoch, T+)
     min_start_epoch: int = 0
-    lr_img: float = 100.0  # learning rate of the pixels
+    lr_img: float = 1000.0  # learning rate of the pixels (MTT's value for IPC 1-10)
     lr_lr: float = 1e-5  # learning rate of alpha
     lr_teacher: float = 0.01  # initial alpha (the experts' own learning rate)
     batch_syn: int | None = None  # synthetic mini-batch size; None = the whole set

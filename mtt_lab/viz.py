@@ -1,0 +1,351 @@
+"""Plotly figures for the course: synthetic images, expert trajectories in PCA space, curves.
+
+Every function returns a static ``go.Figure``; the live versions in :mod:`mtt_lab.widgets`
+wrap the same traces in a ``go.FigureWidget`` and update them in place.
+
+Images
+    :func:`mosaic` lays a synthetic set out as one row per class (a numpy array in [0, 1]);
+    :func:`image_grid` shows it as a figure and :func:`grid_png` encodes it as PNG bytes.
+Trajectories
+    :func:`fit_pca` finds the top principal directions of the experts' snapshots theta*_e;
+    :func:`trajectory_figure` draws the experts in those coordinates, optionally with one
+    distillation iteration on top (theta*_t, the student's N steps, the target theta*_{t+M}).
+Training signals
+    :func:`step_size_figure`, :func:`curves_figure`, :func:`accuracy_bars`, :func:`sweep_heatmap`.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from einops import rearrange
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+from PIL import Image
+from torch import Tensor
+
+from .data import ImageDataset
+from .distill import StepRecord
+from .evaluate import EvalResult
+from .experts import TrajectoryStore
+
+PALETTE = qualitative.Plotly
+STUDENT_COLOUR = "black"
+
+
+def expert_colour(i: int) -> str:
+    """The colour of expert ``i`` in every figure."""
+    return PALETTE[i % len(PALETTE)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def class_of(labels: Tensor | int | None, n: int, num_classes: int) -> Tensor:
+    """The class of each of ``n`` images, ``[n]`` int64.
+
+    labels: hard labels ``[n]``, soft labels ``[n, C]`` (argmax), an ``ipc`` (images grouped by
+    class, ``ipc`` each, as a :class:`~mtt_lab.distill.Distiller` holds them) or ``None`` (the
+    ipc is ``n // num_classes``).
+    """
+    if labels is None or isinstance(labels, int):
+        ipc = labels or n // num_classes
+        if ipc < 1 or ipc * num_classes != n:
+            raise ValueError(f"{n} images are not {num_classes} classes x ipc={ipc}; pass the labels instead")
+        return torch.arange(num_classes).repeat_interleave(ipc)
+    labels = labels.detach().cpu()
+    return labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
+
+
+def mosaic(images: Tensor, dataset: ImageDataset, labels: Tensor | int | None = None, pad: int = 1,
+           background: float = 1.0) -> np.ndarray:
+    """One row per class, images of that class left to right, ``pad`` pixels of ``background`` between.
+
+    images: model-space ``[n, c, h, w]`` (denormalised with ``dataset``, ZCA undone); labels: see
+    :func:`class_of`. Returns float32 ``[C * (h + pad) - pad, K * (w + pad) - pad, c]`` in [0, 1],
+    K = the largest class count; image k of class r starts at row ``r * (h + pad)``, column
+    ``k * (w + pad)``.
+    """
+    pixels = dataset.denormalize(images.detach().to("cpu", torch.float32))
+    classes = class_of(labels, len(pixels), dataset.num_classes)
+    _, c, h, w = pixels.shape
+    columns = max(int(torch.bincount(classes, minlength=dataset.num_classes).max()), 1)
+    cells = torch.full((dataset.num_classes, columns, c, h + pad, w + pad), background)
+    for r in range(dataset.num_classes):
+        members = pixels[classes == r]
+        cells[r, :len(members), :, :h, :w] = members
+    grid = rearrange(cells, "r k c h w -> (r h) (k w) c")
+    return grid[: grid.shape[0] - pad, : grid.shape[1] - pad].numpy()
+
+
+def image_grid(images: Tensor, labels: Tensor | int | None, dataset: ImageDataset, title: str | None = None
+               ) -> go.Figure:
+    """The synthetic set as a figure: one row per class, named on the y axis.
+
+    images ``[n, c, h, w]`` in model space; labels: ``[n]``, ``[n, C]``, an ipc or ``None``.
+    Grey-scale sets are drawn as a heatmap (hover shows the pixel value), colour sets as ``go.Image``.
+    """
+    pad = 1
+    grid = mosaic(images, dataset, labels, pad)
+    h = images.shape[-2]
+    if grid.shape[-1] == 1:
+        trace = go.Heatmap(z=grid[..., 0], colorscale="gray", zmin=0, zmax=1, showscale=False,
+                           hovertemplate="row %{y}, col %{x}: %{z:.2f}<extra></extra>")
+    else:
+        trace = go.Image(z=(grid * 255).round().astype(np.uint8))
+    fig = go.Figure(trace)
+    rows = [r * (h + pad) + (h - 1) / 2 for r in range(dataset.num_classes)]
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", tickvals=rows, ticktext=dataset.class_names,
+                     showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    zoom = min(max(600 / max(grid.shape[:2]), 1), 8)  # screen pixels per image pixel
+    top = 40 if title else 10
+    fig.update_layout(title=title, width=max(250, zoom * grid.shape[1] + 80), height=zoom * grid.shape[0] + top + 20,
+                      margin=dict(l=60, r=20, t=top, b=10), plot_bgcolor="white")
+    return fig
+
+
+def grid_png(images: Tensor, dataset: ImageDataset, scale: int = 4, labels: Tensor | int | None = None) -> bytes:
+    """The :func:`mosaic` of ``images [n, c, h, w]`` as PNG bytes, each pixel ``scale`` x ``scale``."""
+    grid = (mosaic(images, dataset, labels) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories in PCA coordinates
+
+
+@dataclass(frozen=True)
+class PCA:
+    """Principal directions of flat parameter vectors.
+
+    mean ``[P]``, components ``[k, P]`` (orthonormal rows), explained ``[k]``: the fraction of the
+    total variance of the fitted snapshots along each component, largest first.
+    """
+
+    mean: Tensor
+    components: Tensor
+    explained: Tensor
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[0]
+
+    def project(self, flat: Tensor) -> Tensor:
+        """``[..., P]`` parameter vectors -> ``[..., k]`` coordinates."""
+        return (flat.to(self.mean) - self.mean) @ self.components.T
+
+
+def fit_pca(store: TrajectoryStore, experts: Sequence[int] | None = None, epochs: Sequence[int] | None = None,
+            k: int = 3) -> PCA:
+    """PCA of the snapshots theta*_e of ``experts`` (default all) at ``epochs`` (default 0..E).
+
+    With X ``[n, P]`` the centred snapshots and X = U S V^T, the components are the first k rows
+    of V^T and explained_j = S_j^2 / sum(S^2).
+    """
+    experts = range(len(store)) if experts is None else experts
+    epochs = range(store.epochs + 1) if epochs is None else epochs
+    snapshots = torch.cat([store[i][list(epochs)] for i in experts]).double()
+    if len(snapshots) < 2:
+        raise ValueError("PCA needs at least two snapshots; choose more experts or epochs")
+    mean = snapshots.mean(dim=0)
+    _, s, vt = torch.linalg.svd(snapshots - mean, full_matrices=False)
+    variance = s.pow(2)
+    k = min(k, len(s))
+    return PCA(mean.float(), vt[:k].float(), (variance[:k] / variance.sum()).float())
+
+
+def project_store(store: TrajectoryStore, pca: PCA) -> Tensor:
+    """Every expert's trajectory in PCA coordinates, ``[experts, E + 1, k]``."""
+    return torch.stack([pca.project(store[i]) for i in range(len(store))])
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One distillation iteration in PCA coordinates (from a record with ``student_path``).
+
+    start ``[k]`` = theta*_t, student ``[N + 1, k]`` = theta_0..theta_N (theta_0 = theta*_t),
+    target ``[k]`` = theta*_{t+M}.
+    """
+
+    iteration: int
+    expert: int
+    start_epoch: int
+    expert_epochs: int
+    loss: float
+    start: Tensor
+    student: Tensor
+    target: Tensor
+
+    def label(self) -> str:
+        return (f"iteration {self.iteration}: expert {self.expert}, t = {self.start_epoch}, "
+                f"N = {len(self.student) - 1}, M = {self.expert_epochs}, loss {self.loss:.3f}")
+
+
+def project_record(store: TrajectoryStore, pca: PCA, record: StepRecord) -> Overlay:
+    """The :class:`Overlay` of a record made with ``step(return_path=True)``."""
+    if record.student_path is None:
+        raise ValueError("this record has no student path; make it with distiller.step(return_path=True)")
+    t, m = record.start_epoch, record.expert_epochs
+    anchors = pca.project(store[record.expert][[t, t + m]])
+    return Overlay(record.iteration, record.expert, t, m, record.loss, anchors[0],
+                   pca.project(record.student_path), anchors[1])
+
+
+def _scatter(points: Tensor, dims: int, **kwargs) -> go.Scatter | go.Scatter3d:
+    """A 2D or 3D scatter trace of ``points [n, >= dims]``."""
+    xyz = dict(zip("xyz", points[:, :dims].T.tolist()))
+    return go.Scatter3d(**xyz, **kwargs) if dims == 3 else go.Scatter(**xyz, **kwargs)
+
+
+def trajectory_traces(coords: Tensor, test_acc: Sequence[Sequence[float]], dims: int = 2,
+                      experts: Iterable[int] | None = None, epochs: Sequence[int] | None = None) -> list:
+    """One line per expert through its snapshots, a marker per epoch (bigger as training goes on).
+
+    coords ``[experts, E + 1, k]`` (:func:`project_store`); test_acc: per expert, ``E + 1`` accuracies.
+    """
+    experts = range(len(coords)) if experts is None else experts
+    epochs = list(range(coords.shape[1]) if epochs is None else epochs)
+    traces = []
+    for i in experts:
+        accuracy = [100 * test_acc[i][e] for e in epochs]
+        traces.append(_scatter(
+            coords[i, epochs], dims, mode="lines+markers", name=f"expert {i}", legendgroup=f"expert {i}",
+            line=dict(color=expert_colour(i)),
+            marker=dict(color=expert_colour(i), size=[4 + 8 * e / max(max(epochs), 1) for e in epochs]),
+            customdata=list(zip(epochs, accuracy)),
+            hovertemplate=f"expert {i}<br>epoch %{{customdata[0]}}<br>test acc %{{customdata[1]:.1f}}%<extra></extra>",
+        ))
+    return traces
+
+
+def overlay_traces(overlay: Overlay | None, dims: int = 2) -> list:
+    """Three traces: the student's path, theta*_t and theta*_{t+M} (empty when ``overlay`` is None)."""
+    empty = torch.empty(0, dims)
+    student, start, target = ((overlay.student, overlay.start[None], overlay.target[None]) if overlay
+                              else (empty, empty, empty))
+    return [
+        _scatter(student, dims, mode="lines+markers", name="student θ_0..θ_N",
+                 line=dict(color=STUDENT_COLOUR, dash="dot"), marker=dict(color=STUDENT_COLOUR, size=4),
+                 hovertemplate="student step %{pointNumber}<extra></extra>"),
+        _scatter(start, dims, mode="markers", name="start θ*_t",
+                 marker=dict(color=STUDENT_COLOUR, size=12, symbol="circle-open", line=dict(width=3)),
+                 hovertemplate="θ*_t<extra></extra>"),
+        _scatter(target, dims, mode="markers", name="target θ*_{t+M}",
+                 marker=dict(color="crimson", size=10, symbol="diamond"), hovertemplate="θ*_{t+M}<extra></extra>"),
+    ]
+
+
+def pca_layout(explained: Tensor, dims: int = 2, title: str | None = None) -> dict:
+    """Layout for a PCA figure: axis titles carry the explained variance of each component."""
+    names = [f"PC{j + 1} ({100 * float(explained[j]):.1f}%)" for j in range(dims)]
+    layout = dict(title=title or "Expert trajectories (PCA of the parameters)", height=520,
+                  legend=dict(itemsizing="constant"), margin=dict(l=10, r=10, t=50, b=10))
+    if dims == 3:
+        layout["scene"] = {f"{axis}axis": dict(title=dict(text=name)) for axis, name in zip("xyz", names)}
+    else:
+        layout["xaxis"], layout["yaxis"] = dict(title=dict(text=names[0])), dict(title=dict(text=names[1]))
+    return layout
+
+
+def trajectory_figure(store: TrajectoryStore, pca: PCA, dims: int = 2, experts: Iterable[int] | None = None,
+                      overlay: StepRecord | Overlay | None = None, epochs: Sequence[int] | None = None) -> go.Figure:
+    """Expert trajectories in the first ``dims`` (2 or 3) principal components.
+
+    overlay: a record from ``distiller.step(return_path=True)`` (or its :class:`Overlay`) to draw
+    theta*_t, the student's N steps and the target theta*_{t+M} on top.
+    """
+    if dims not in (2, 3) or dims > pca.k:
+        raise ValueError(f"dims must be 2 or 3 and at most the PCA's k = {pca.k}, got {dims}")
+    if isinstance(overlay, StepRecord):
+        overlay = project_record(store, pca, overlay)
+    test_acc = [store.metrics(i)["test_acc"] for i in range(len(store))]
+    traces = trajectory_traces(project_store(store, pca), test_acc, dims, experts, epochs)
+    if overlay is not None:
+        traces += overlay_traces(overlay, dims)
+    return go.Figure(traces, layout=pca_layout(pca.explained, dims, overlay.label() if overlay else None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training signals
+
+
+def step_size_figure(store: TrajectoryStore) -> go.Figure:
+    """Per expert: ||theta*_e - theta*_{e-1}|| per epoch (left) and test accuracy per epoch (right).
+
+    Most of the movement and of the accuracy gain come in the first epochs; MTT draws its start
+    epochs from that early part of the trajectories by capping them at T+.
+    """
+    titles = ("parameter step ||θ*_e − θ*_{e−1}||", "test accuracy (%)")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
+    for i in range(len(store)):
+        trajectory = store[i]
+        steps = (trajectory[1:] - trajectory[:-1]).norm(dim=1).tolist()
+        style = dict(line=dict(color=expert_colour(i)), legendgroup=f"expert {i}", name=f"expert {i}")
+        fig.add_trace(go.Scatter(x=list(range(1, len(steps) + 1)), y=steps, mode="lines+markers", **style), 1, 1)
+        accuracy = [100 * a for a in store.metrics(i)["test_acc"]]
+        fig.add_trace(go.Scatter(x=list(range(len(accuracy))), y=accuracy, mode="lines+markers",
+                                 showlegend=False, **style), 1, 2)
+    fig.update_xaxes(title_text="epoch e", dtick=1)
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def _field(record: StepRecord | Mapping, name: str):
+    """A field of a record, or of its ``as_dict()`` (e.g. read back from a JSON log)."""
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def curves_figure(records: Sequence[StepRecord | Mapping] = ()) -> go.Figure:
+    """The matching loss (top) and the learned step size alpha (bottom) against the iteration.
+
+    Two traces, in that order; the dashboard extends their x / y as the run goes.
+    """
+    iterations = [_field(r, "iteration") for r in records]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("matching loss", "student step size α"))
+    fig.add_trace(go.Scatter(x=iterations, y=[_field(r, "loss") for r in records], mode="lines", name="loss"), 1, 1)
+    fig.add_trace(go.Scatter(x=iterations, y=[_field(r, "syn_lr") for r in records], mode="lines", name="α",
+                             line=dict(color="darkorange")), 2, 1)
+    fig.update_xaxes(title_text="iteration", row=2, col=1)
+    fig.update_layout(height=420, showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def accuracy_bars(results: Mapping[str, Sequence[float] | EvalResult], title: str | None = None) -> go.Figure:
+    """Mean test accuracy (%) per method with a ± one standard deviation error bar.
+
+    results: name -> accuracies in [0, 1] of several runs, or an :class:`EvalResult`.
+    """
+    names, means, stds = [], [], []
+    for name, result in results.items():
+        runs = result.accuracies if isinstance(result, EvalResult) else result
+        names.append(name)
+        means.append(100 * statistics.fmean(runs))
+        stds.append(100 * statistics.pstdev(runs) if len(runs) > 1 else 0.0)
+    fig = go.Figure(go.Bar(x=names, y=means, error_y=dict(type="data", array=stds, visible=True),
+                           text=[f"{m:.1f} ± {s:.1f}" for m, s in zip(means, stds)], textposition="inside"))
+    fig.update_layout(title=title, yaxis=dict(title_text="test accuracy (%)", range=[0, 105]), height=380)
+    return fig
+
+
+def sweep_heatmap(values, Ns: Sequence[int], Ms: Sequence[int], title: str | None = None) -> go.Figure:
+    """A sweep's results ``values [len(Ns), len(Ms)]`` as a heatmap: rows N, columns M, cells labelled."""
+    z = np.asarray(values, dtype=float)
+    if z.shape != (len(Ns), len(Ms)):
+        raise ValueError(f"values has shape {z.shape}, expected (len(Ns), len(Ms)) = {(len(Ns), len(Ms))}")
+    fig = go.Figure(go.Heatmap(z=z, x=[str(m) for m in Ms], y=[str(n) for n in Ns], colorscale="Viridis",
+                               texttemplate="%{z:.3g}", hovertemplate="N = %{y}, M = %{x}: %{z}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="M (expert epochs)", yaxis_title="N (student steps)", height=380)
+    return fig

@@ -1,0 +1,217 @@
+"""Figures of ``mtt_lab.viz``: image mosaics, trajectory PCA, curves, bars and heatmaps.
+
+The tiny expert store (2 experts x 3 epochs of a width-8, depth-2 ConvNet) is trained once per
+session into a fixed folder; ``test_widgets`` imports these fixtures (its copy of ``tiny_store``
+finds the folder complete and returns at once).
+"""
+
+import contextlib
+import io
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+from PIL import Image
+
+from mtt_lab.data import ImageDataset
+from mtt_lab.distill import DistillConfig, Distiller
+from mtt_lab.evaluate import EvalResult
+from mtt_lab.experts import ExpertConfig, train_experts
+from mtt_lab.viz import (
+    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, project_record, project_store,
+    step_size_figure, sweep_heatmap, trajectory_figure,
+)
+
+TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch intra-op thread: on two shared CPU cores more threads only fight each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    config = ExpertConfig(model_kwargs={"width": 8, "depth": 2}, num_experts=2, epochs=3, device="cpu")
+    with one_thread():  # session fixtures are set up before the module's autouse one
+        return train_experts(config, tmp_path_factory.getbasetemp() / "tiny_experts", progress=False)
+
+
+@pytest.fixture(scope="module")
+def records(tiny_store, mnist_train):
+    distiller = Distiller(tiny_store, mnist_train, DistillConfig(**TINY_CONFIG))
+    return [distiller.step(return_path=True) for _ in range(2)]
+
+
+def toy_dataset(channels: int, classes: int = 3) -> ImageDataset:
+    """A dataset whose normalisation is x -> 2x - 1, so denormalize(2p - 1) = p."""
+    return ImageDataset("toy", torch.zeros(classes, channels, 4, 4), torch.arange(classes),
+                        [f"class {c}" for c in range(classes)], (0.5,) * channels, (0.5,) * channels)
+
+
+def constant_images(values, channels=1, size=4) -> torch.Tensor:
+    """Model-space images ``[n, c, size, size]`` whose pixels display as ``values[i]`` everywhere."""
+    pixels = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, channels, size, size)
+    return 2 * pixels - 1
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def test_mosaic_puts_each_image_in_its_class_row():
+    dataset = toy_dataset(1)
+    values = [0.1, 0.2, 0.3, 0.4, 0.5]
+    labels = torch.tensor([2, 0, 2, 1, 0])  # class 0: 0.2, 0.5; class 1: 0.4; class 2: 0.1, 0.3
+    grid = mosaic(constant_images(values), dataset, labels, pad=1, background=1.0)
+    assert grid.shape == (3 * 5 - 1, 2 * 5 - 1, 1)
+    expected = {(0, 0): 0.2, (0, 1): 0.5, (1, 0): 0.4, (2, 0): 0.1, (2, 1): 0.3, (1, 1): 1.0}
+    for (row, col), value in expected.items():
+        block = grid[row * 5: row * 5 + 4, col * 5: col * 5 + 4, 0]
+        np.testing.assert_allclose(block, value, atol=1e-6)
+    assert (grid[4, :, 0] == 1.0).all() and (grid[:, 4, 0] == 1.0).all()  # the padding lines
+
+
+def test_mosaic_infers_ipc_and_reads_soft_labels():
+    dataset = toy_dataset(3)
+    images = constant_images([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], channels=3)
+    by_ipc = mosaic(images, dataset, 2)
+    assert by_ipc.shape == (3 * 5 - 1, 2 * 5 - 1, 3)
+    np.testing.assert_allclose(mosaic(images, dataset), by_ipc)
+    soft = torch.nn.functional.one_hot(torch.arange(3).repeat_interleave(2), 3).float() * 0.8 + 0.05
+    np.testing.assert_allclose(mosaic(images, dataset, soft), by_ipc)
+    np.testing.assert_allclose(by_ipc[5:9, 5:9], 0.4, atol=1e-6)  # class 1, second image
+    with pytest.raises(ValueError, match="pass the labels"):
+        class_of(None, 5, 3)
+
+
+def test_image_grid_draws_grey_as_heatmap_and_colour_as_image(mnist_train):
+    images, labels = mnist_train.sample_per_class(2, torch.Generator().manual_seed(0))
+    fig = image_grid(images, labels, mnist_train, title="real digits")
+    (trace,) = fig.data
+    assert isinstance(trace, go.Heatmap)
+    np.testing.assert_allclose(trace.z, mosaic(images, mnist_train, labels)[..., 0])
+    assert list(fig.layout.yaxis.ticktext) == mnist_train.class_names
+
+    colour = image_grid(constant_images([0.0, 1.0, 0.5], channels=3), 1, toy_dataset(3))
+    (trace,) = colour.data
+    assert isinstance(trace, go.Image)
+    z = np.asarray(trace.z)
+    assert z.shape == (14, 4, 3) and z.dtype == np.uint8
+    assert z[0, 0, 0] == 0 and z[5, 0, 0] == 255 and z[10, 0, 0] == 128
+
+
+def test_grid_png_is_the_scaled_mosaic():
+    dataset = toy_dataset(1)
+    images = constant_images([0.0, 1.0, 0.6])
+    picture = Image.open(io.BytesIO(grid_png(images, dataset, scale=3)))
+    assert picture.format == "PNG" and picture.size == (4 * 3, 14 * 3)
+    pixels = np.asarray(picture)
+    assert pixels[0, 0] == 0 and pixels[5 * 3, 0] == 255 and pixels[10 * 3 + 2, 11] == round(0.6 * 255)
+
+
+# -- trajectories --------------------------------------------------------------------------------
+
+
+def test_pca_explained_variance_and_projection(tiny_store):
+    pca = fit_pca(tiny_store, k=3)
+    explained = pca.explained
+    assert explained.shape == (3,) and float(explained.sum()) <= 1 + 1e-6
+    assert (explained[:-1] >= explained[1:]).all() and (explained > 0).all()
+    torch.testing.assert_close(pca.components @ pca.components.T, torch.eye(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pca.project(pca.mean), torch.zeros(3), atol=1e-4, rtol=0)
+    # the projected snapshots are centred and their variances are in the ratio of `explained`
+    coords = project_store(tiny_store, pca).reshape(-1, 3)
+    torch.testing.assert_close(coords.mean(dim=0), torch.zeros(3), atol=1e-3, rtol=0)
+    total = sum(float((tiny_store[i] - pca.mean).pow(2).sum()) for i in range(len(tiny_store)))
+    torch.testing.assert_close(coords.pow(2).sum(dim=0) / total, explained, atol=1e-3, rtol=1e-3)
+
+    one = fit_pca(tiny_store, experts=[1], epochs=[0, 1, 2], k=5)
+    assert one.k == 3  # three snapshots have at most three components
+    torch.testing.assert_close(one.mean, tiny_store[1][:3].mean(dim=0))
+
+
+def test_trajectory_figure_2d_with_overlay(tiny_store, records):
+    pca = fit_pca(tiny_store)
+    record = records[-1]
+    fig = trajectory_figure(tiny_store, pca, dims=2, overlay=record)
+    assert [t.type for t in fig.data] == ["scatter"] * (len(tiny_store) + 3)
+    expert = fig.data[0]
+    assert len(expert.x) == tiny_store.epochs + 1
+    assert [epoch for epoch, _ in expert.customdata] == list(range(tiny_store.epochs + 1))
+    np.testing.assert_allclose([acc for _, acc in expert.customdata],
+                               [100 * a for a in tiny_store.metrics(0)["test_acc"]], rtol=1e-6)
+    assert "%" in fig.layout.xaxis.title.text and "%" in fig.layout.yaxis.title.text
+
+    student, start, target = fig.data[-3:]
+    assert len(student.x) == record.syn_steps + 1
+    anchors = pca.project(tiny_store[record.expert][[record.start_epoch, record.start_epoch + record.expert_epochs]])
+    np.testing.assert_allclose([start.x[0], start.y[0]], anchors[0, :2], atol=1e-4)
+    np.testing.assert_allclose([target.x[0], target.y[0]], anchors[1, :2], atol=1e-4)
+    np.testing.assert_allclose([student.x[0], student.y[0]], anchors[0, :2], atol=1e-4)  # theta_0 = theta*_t
+
+
+def test_trajectory_figure_3d_subset(tiny_store, records, mnist_train):
+    pca = fit_pca(tiny_store)
+    fig = trajectory_figure(tiny_store, pca, dims=3, experts=[1], epochs=[1, 2, 3],
+                            overlay=project_record(tiny_store, pca, records[0]))
+    assert [t.type for t in fig.data] == ["scatter3d"] * 4
+    assert fig.data[0].name == "expert 1" and len(fig.data[0].z) == 3
+    assert fig.layout.scene.zaxis.title.text.startswith("PC3 (")
+    with pytest.raises(ValueError, match="dims"):
+        trajectory_figure(tiny_store, fit_pca(tiny_store, k=2), dims=3)
+    without_path = Distiller(tiny_store, mnist_train, DistillConfig(**TINY_CONFIG)).step()
+    with pytest.raises(ValueError, match="return_path"):
+        project_record(tiny_store, pca, without_path)
+
+
+# -- training signals -----------------------------------------------------------------------
+
+
+def test_step_size_figure(tiny_store):
+    fig = step_size_figure(tiny_store)
+    assert len(fig.data) == 2 * len(tiny_store)
+    steps, accuracy = fig.data[0], fig.data[1]
+    trajectory = tiny_store[0]
+    expected = [float((trajectory[e] - trajectory[e - 1]).norm()) for e in range(1, tiny_store.epochs + 1)]
+    np.testing.assert_allclose(steps.y, expected, rtol=1e-5)
+    assert list(steps.x) == [1, 2, 3] and list(accuracy.x) == [0, 1, 2, 3]
+
+
+def test_curves_figure_takes_records_and_dicts(records):
+    fig = curves_figure([records[0], records[1].as_dict()])
+    loss, alpha = fig.data
+    assert list(loss.x) == [1, 2] and list(alpha.x) == [1, 2]
+    assert list(loss.y) == [r.loss for r in records] and list(alpha.y) == [r.syn_lr for r in records]
+    assert [len(t.x) for t in curves_figure().data] == [0, 0]
+
+
+def test_accuracy_bars_mean_and_std():
+    result = EvalResult("ConvNet", (0.8, 0.9), epochs=10, lr=0.01)
+    fig = accuracy_bars({"random real": [0.5, 0.6, 0.7], "MTT": result, "one run": [0.4]})
+    (bars,) = fig.data
+    assert list(bars.x) == ["random real", "MTT", "one run"]
+    np.testing.assert_allclose(bars.y, [60, 85, 40])
+    np.testing.assert_allclose(bars.error_y.array, [100 * np.std([0.5, 0.6, 0.7]), 5, 0])
+
+
+def test_sweep_heatmap():
+    values = np.arange(6.0).reshape(3, 2)
+    fig = sweep_heatmap(values, Ns=[10, 20, 40], Ms=[1, 2], title="loss")
+    (heat,) = fig.data
+    np.testing.assert_array_equal(np.asarray(heat.z), values)
+    assert list(heat.y) == ["10", "20", "40"] and list(heat.x) == ["1", "2"]
+    with pytest.raises(ValueError, match="expected"):
+        sweep_heatmap(values, Ns=[10, 20], Ms=[1, 2])

@@ -1,0 +1,185 @@
+"""The dashboard and the trajectory explorer, driven from Python the way a learner's clicks would.
+
+No kernel is needed: widget values are set directly, buttons are ``.click()``-ed, and the tests
+read back the distiller, the image bytes, the curve traces and the status / error text.
+"""
+
+import asyncio
+import time
+
+import pytest
+import torch
+from test_viz import TINY_CONFIG, one_torch_thread, records, tiny_store  # noqa: F401  (shared fixtures)
+
+from mtt_lab.distill import DistillConfig, Distiller
+from mtt_lab.widgets import DistillDashboard, TrajectoryExplorer
+
+TIMEOUT = 60.0  # generous: the CPU is shared
+
+
+def wait_for(condition, timeout=TIMEOUT):
+    """Poll ``condition()`` every 10 ms until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the dashboard"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def distiller(tiny_store, mnist_train):
+    return Distiller(tiny_store, mnist_train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 2}))
+
+
+@pytest.fixture
+def dash(distiller):
+    dashboard = DistillDashboard(distiller)
+    yield dashboard
+    dashboard.pause()
+
+
+def curve_lengths(dash):
+    return [len(trace.x) for trace in dash.curves.data]
+
+
+# -- the dashboard ---------------------------------------------------------------------------------
+
+
+def test_sliders_start_at_the_config_and_update_the_distiller(dash, distiller):
+    assert (dash.n_slider.value, dash.m_slider.value, dash.t_slider.value) == (2, 1, 2)
+    assert dash.t_slider.max == distiller.store.epochs and dash.m_slider.max == distiller.store.epochs
+    assert all(not s.continuous_update for s in dash.sliders)
+    dash.n_slider.value = 5
+    dash.lr_slider.value = 10.0
+    assert distiller.config.syn_steps == 5 and distiller.config.lr_img == pytest.approx(10.0)
+    assert distiller.opt_img.param_groups[0]["lr"] == pytest.approx(10.0)
+    assert "N = 5" in dash.status.value and dash.message.value == ""
+
+
+def test_an_invalid_combination_is_reported_and_not_applied(dash, distiller):
+    dash.m_slider.value = 3  # T+ = 2: start epoch 1 + M = 3 > E = 3
+    assert distiller.config.expert_epochs == 1 and distiller.config.max_start_epoch == 2
+    assert "Not applied" in dash.message.value and "T+ - 1 + M" in dash.message.value
+    dash.t_slider.value = 1  # now valid as a whole: applied
+    assert (distiller.config.expert_epochs, distiller.config.max_start_epoch) == (3, 1)
+    assert dash.message.value == ""
+
+
+def test_step_advances_and_redraws(dash, distiller):
+    before = dash.image.value
+    assert curve_lengths(dash) == [0, 0]
+    dash.step_button.click()
+    assert distiller.iteration == 1 and len(dash.records) == 1
+    assert dash.image.value != before and bytes(dash.image.value).startswith(b"\x89PNG")
+    assert curve_lengths(dash) == [1, 1]
+    assert list(dash.curves.data[0].y) == [dash.records[0].loss]
+    assert "iteration 1" in dash.status.value and f"{dash.records[0].loss:.4f}" in dash.status.value
+
+
+def test_start_runs_in_the_background_and_pause_stops_it(dash, distiller):
+    dash.start()
+    assert dash.running and dash.start_button.disabled and not dash.pause_button.disabled
+    dash.start()  # a second run is refused, not started
+    assert "Already running" in dash.message.value
+    wait_for(lambda: distiller.iteration >= 2)
+    dash.n_slider.value = 3  # applied between steps
+    wait_for(lambda: any(r.syn_steps == 3 for r in dash.records))
+    dash.pause()
+    assert not dash.running and not dash._thread.is_alive() and not dash.start_button.disabled
+    stopped = distiller.iteration
+    time.sleep(0.05)
+    assert distiller.iteration == stopped == len(dash.records)
+    assert curve_lengths(dash) == [stopped, stopped] and f"iteration {stopped}" in dash.status.value
+
+
+def test_pause_button_and_slider_moved_during_the_last_step(dash, distiller):
+    dash.start_button.click()
+    wait_for(lambda: distiller.iteration >= 1)
+    dash.pause_button.click()  # does not wait: the run stops after its current step
+    dash.n_slider.value = 4
+    wait_for(lambda: not dash.running)
+    dash._thread.join(TIMEOUT)
+    assert distiller.config.syn_steps == 4  # applied after the run, not lost
+
+
+def test_a_run_stops_at_config_iterations(tiny_store, mnist_train):
+    distiller = Distiller(tiny_store, mnist_train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 1, "iterations": 2}))
+    dash = DistillDashboard(distiller)
+    dash.start()
+    wait_for(lambda: not dash.running)
+    assert distiller.iteration == 2 and "Finished" in dash.message.value
+
+
+def test_run_async(dash, distiller):
+    done = asyncio.run(dash.run_async(3))
+    assert [r.iteration for r in done] == [1, 2, 3] and distiller.iteration == 3
+    assert curve_lengths(dash) == [3, 3] and not dash.running
+
+
+def test_errors_inside_a_run_are_shown(dash, distiller, monkeypatch):
+    def broken(return_path=False):
+        raise RuntimeError("the student diverged")
+
+    monkeypatch.setattr(distiller, "step", broken)
+    dash.step_button.click()
+    assert "the student diverged" in dash.error_box.value and "Traceback" in dash.error_box.value
+    assert isinstance(dash.error, RuntimeError) and not dash.running
+
+    dash.start()  # a new run clears the old error and shows its own
+    wait_for(lambda: not dash.running)
+    assert "RuntimeError" in dash.error_box.value and not dash.start_button.disabled
+
+    assert asyncio.run(dash.run_async(2)) == [] and "the student diverged" in dash.error_box.value
+
+
+def test_reset_restores_the_initial_state(dash, distiller):
+    initial_images, initial_png = distiller.images, dash.image.value
+    dash.n_slider.value = 3
+    for _ in range(2):
+        dash.step()
+    assert not torch.equal(distiller.images, initial_images)
+    dash.reset_button.click()
+    assert torch.equal(distiller.images, initial_images) and distiller.iteration == 0
+    assert distiller.syn_lr == pytest.approx(distiller.config.lr_teacher)
+    assert dash.image.value == initial_png and curve_lengths(dash) == [0, 0]
+    assert dash.n_slider.value == distiller.config.syn_steps == 2
+    # the run continues exactly as a fresh one would
+    again = dash.step()
+    fresh = Distiller(distiller.store, distiller.train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 2})).step()
+    assert again.loss == pytest.approx(fresh.loss) and again.start_epoch == fresh.start_epoch
+
+
+# -- the trajectory explorer --------------------------------------------------------------------------
+
+
+def test_explorer_replays_recorded_iterations(tiny_store, records):
+    explorer = TrajectoryExplorer(tiny_store, records)
+    figure = explorer.figure
+    assert len(figure.data) == len(tiny_store) + 3 and explorer.iteration_slider.max == len(records) - 1
+    student = figure.data[-3]
+    first = (student.x, student.y)
+    assert len(student.x) == records[0].syn_steps + 1
+    explorer.iteration_slider.value = 1
+    assert (student.x, student.y) != first and len(figure.data) == len(tiny_store) + 3
+    assert f"iteration {records[1].iteration}" in explorer.info.value
+    expected = explorer.pca.project(records[1].student_path)
+    torch.testing.assert_close(torch.tensor(student.x), expected[:, 0], atol=1e-5, rtol=0)
+
+
+def test_explorer_filters_and_switches_to_3d(tiny_store, records):
+    explorer = TrajectoryExplorer(tiny_store, records)
+    explorer.expert_select.value = (1,)
+    explorer.epoch_range.value = (1, 2)
+    assert len(explorer.figure.data) == 1 + 3 and len(explorer.figure.data[0].x) == 2
+    explorer.dims_toggle.value = 3
+    assert {t.type for t in explorer.figure.data} == {"scatter3d"}
+    assert explorer.figure.layout.scene.xaxis.title.text.startswith("PC1")
+    explorer.iteration_slider.value = 1
+    assert len(explorer.figure.data[-3].z) == records[1].syn_steps + 1
+    explorer.dims_toggle.value = 2
+    assert {t.type for t in explorer.figure.data} == {"scatter"} and explorer.figure.layout.xaxis.title.text
+
+
+def test_explorer_without_records(tiny_store):
+    explorer = TrajectoryExplorer(tiny_store)
+    assert explorer.iteration_slider.disabled and "No recorded iterations" in explorer.info.value
+    assert [len(t.x) for t in explorer.figure.data[-3:]] == [0, 0, 0]
