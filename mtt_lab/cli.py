@@ -1,4 +1,4 @@
-"""The ``mtt-lab`` command: experts, distill, evaluate, info, quickstart, kd, dlb.
+"""The ``mtt-lab`` command: experts, info, distill, evaluate, quickstart, kd, dlb.
 
 A *run folder* (written by ``mtt-lab distill``) holds::
 
@@ -234,6 +234,31 @@ def cmd_quickstart(args) -> None:
     print(f"\nimages: {out / 'run' / 'grid.png'}   summary: {out / 'summary.json'}   ({seconds:.0f} s)")
 
 
+def cmd_kd(args) -> None:
+    from .kd import KDConfig, run_kd
+
+    student = {} if args.student is None else {"student": args.student, "student_kwargs": {}}
+    config = KDConfig(teacher_store=args.teacher_store, epochs=args.epochs, T=args.T, alpha=args.alpha,
+                      per_class=args.per_class or None, runs=args.runs, seed=args.seed, device=args.device, **student)
+    _print_results(run_kd(config, Path(args.out)), args.out)
+
+
+def cmd_dlb(args) -> None:
+    from .kd import DLBConfig, run_dlb
+
+    model = {} if args.model is None else {"model": args.model, "model_kwargs": {}}
+    config = DLBConfig(noise=args.noise, epochs=args.epochs, tau=args.tau, alpha=args.alpha, fresh_view=args.fresh_view,
+                       per_class=args.per_class or None, runs=args.runs, seed=args.seed, device=args.device, **model)
+    _print_results(run_dlb(config, Path(args.out)), args.out)
+
+
+def _print_results(summary: dict, out) -> None:
+    for name, row in summary.items():
+        if isinstance(row, dict) and "accuracies" in row:
+            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({len(row['accuracies'])} runs)")
+    print(f"results: {Path(out) / 'results.json'}")
+
+
 def _table(rows) -> str:
     lines = [f"{'training set':<28} {'test accuracy (final epoch)':>28}", "-" * 57]
     for name, r in rows:
@@ -307,6 +332,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--lr", type=float, default=None, help="default: the run's learned alpha, or 0.01")
     p.set_defaults(func=cmd_evaluate)
+
+    def per_class(p):
+        p.add_argument("--per-class", type=int, default=50, help="training images per class (0 = all)")
+        p.add_argument("--epochs", type=int, default=10, help="budget in epochs of sample exposures")
+        p.add_argument("--runs", type=int, default=3, help="seeds (mean ± std)")
+
+    p = command("kd", "model distillation: a small student with and without Hinton's KD from a teacher")
+    p.add_argument("--teacher-store", default=None, help="use expert 0 of this trajectory store as the teacher")
+    p.add_argument("--student", default=None, choices=list(MODELS), metavar="MODEL",
+                   help="student architecture (default: a ConvNet of width 8 and depth 2)")
+    p.add_argument("--T", type=float, default=4.0, help="softmax temperature")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
+    per_class(p)
+    p.add_argument("--out", default="runs/kd")
+    p.set_defaults(func=cmd_kd)
+
+    p = command("dlb", "self-distillation from the last mini-batch (DLB) against plain training")
+    p.add_argument("--model", default=None, choices=list(MODELS), metavar="MODEL",
+                   help="architecture (default: a ConvNet of width 8 and depth 2)")
+    p.add_argument("--noise", type=float, default=0.0, help="fraction of symmetric label noise")
+    p.add_argument("--tau", type=float, default=3.0, help="softmax temperature")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the consistency term")
+    p.add_argument("--fresh-view", action="store_true", help="re-augment the repeated half (the authors' code)")
+    per_class(p)
+    p.add_argument("--out", default="runs/dlb")
+    p.set_defaults(func=cmd_dlb)
 
     p = command("quickstart", "the whole pipeline on the bundled digits in about two minutes on a CPU")
     p.add_argument("--out", default="runs/quickstart")

@@ -1,8 +1,15 @@
-"""Shared fixtures: the bundled offline digits, loaded once per test session (about 0.3 s)."""
+"""Shared fixtures: the bundled offline digits, loaded once per test session (about 0.3 s).
+
+The tests run torch on one thread: their tensors are small, and with two threads on a busy
+2-core machine torch's worker threads spin-wait and make the suite several times slower.
+"""
 
 import pytest
+import torch
 
 from mtt_lab.data import load_dataset
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -108,3 +108,15 @@ def test_quickstart_beats_random(tmp_path):
     assert mean(summary["mtt_acc"]) > mean(summary["random_acc"]) + 0.1
     assert mean(summary["expert_acc"]) > 0.8
     assert (tmp_path / "run" / "grid.png").is_file()
+
+
+def test_kd_and_dlb_write_run_folders(store_dir, tmp_path, capsys):
+    small = ["--per-class", "5", "--epochs", "1", "--runs", "1", "--device", "cpu"]
+    assert main(["dlb", "--noise", "0.2", *small, "--out", str(tmp_path / "dlb")]) == 0
+    assert main(["kd", "--teacher-store", str(store_dir), *small, "--out", str(tmp_path / "kd")]) == 0
+    for run in ("dlb", "kd"):
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        rows = [r for r in results.values() if isinstance(r, dict) and "accuracies" in r]
+        assert len(rows) >= 2 and all(0 <= a <= 1 for r in rows for a in r["accuracies"])
+        assert json.loads((tmp_path / run / "config.json").read_text())["runs"] == 1
+    assert "results.json" in capsys.readouterr().out
