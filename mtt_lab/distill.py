@@ -360,7 +360,9 @@ class Distiller:
                 path.append(theta.detach())
         loss = trajectory_loss(theta, theta_start, theta_target)
         if torch.isfinite(loss):  # otherwise the gradients stay zero and step() reports a skip
-            loss.backward()
+            # only the images and alpha: loss.backward() would also compute dloss/dtheta_0 (one
+            # more Hessian-vector product, through step 0) that nothing uses
+            self._images.grad, self._syn_lr.grad = torch.autograd.grad(loss, [self._images, self._syn_lr])
         return loss.detach(), path
 
     def _walk_back(self, theta_start, theta_target, plans, freeze_adjoint: bool):
