@@ -11,7 +11,7 @@ One outer iteration (:meth:`Distiller.step`):
 
 Three ways to get the gradient of step 4 (``DistillConfig.mode``):
 
-``exact``       keep the whole N-step graph (create_graph=True) and call ``backward``.
+``exact``       keep the whole N-step graph (create_graph=True) and differentiate the loss through it.
 ``checkpoint``  the same gradient, memory flat in N: run the N steps without a graph, keeping
                 only theta_0..theta_N, then walk back from step N to 1 recomputing one step's
                 graph at a time. With lambda_{i+1} = dloss/dtheta_{i+1} and g_i the step's gradient:

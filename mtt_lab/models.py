@@ -8,12 +8,16 @@ On 28x28 inputs the first conv pads by 3, so a digit is treated as a 32x32 image
 ``Functional(model)`` lets the distillation code treat a network as ``logits = f(theta, x)`` with
 ``theta`` one flat float vector ``[P]`` (the parameters in ``model.named_parameters()`` order,
 each flattened row-major). Expert trajectories, the student's unrolled steps and all the
-distances in the MTT loss live in that flat space.
+distances in the MTT loss live in that flat space. For a ConvNet with instance norm it runs the
+layers itself, with an instance norm whose second derivative is written out by hand
+(:func:`instance_norm`): MTT differentiates through the student's gradient steps, and that is
+where PyTorch's own group norm is slow.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -205,12 +209,110 @@ def get_model(name: str, channels: int, num_classes: int, image_size: int, **ove
     return cls(channels, num_classes, image_size, **{**kwargs, **overrides})
 
 
+def _pixel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum((2, 3), keepdim=True)`` for ``[N, C, H, W]`` tensors, without the product in memory."""
+    n, c = a.shape[:2]
+    return torch.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1))
+
+
+class _InstanceNormGrad(torch.autograd.Function):
+    """``(dy, x, weight, mean, rstd) -> (dx, dweight, dbias)``: instance norm's first derivative.
+
+    Forward: the fused kernel ``native_group_norm_backward``. Backward: the second derivative
+    written out below. With ``create_graph=True`` PyTorch's group norm instead records its first
+    derivative as about ten differentiable ops on ``[N, C, H, W]`` tensors and then differentiates
+    each of them; this backward makes six passes over the pixels plus five reductions and keeps only
+    ``dy`` besides what the forward already saved (see benchmarks/RESULTS.md for the effect).
+    A third derivative is not written: asking for one (a backward with ``create_graph=True``
+    through this function) raises instead of silently dropping terms.
+    """
+
+    @staticmethod
+    def forward(ctx, dy, x, weight, mean, rstd):
+        n, c, h, w = x.shape
+        ctx.save_for_backward(dy, x, weight, mean, rstd)
+        return tuple(torch.ops.aten.native_group_norm_backward(dy, x, mean, rstd, weight, n, c, h * w, c,
+                                                               [True, True, True]))
+
+    @staticmethod
+    def backward(ctx, u, g_weight, g_bias):
+        if torch.is_grad_enabled():  # i.e. create_graph=True: the caller wants a third derivative
+            raise RuntimeError("instance_norm is differentiable twice, not three times; compute its "
+                               "second derivative without create_graph=True")
+        # Per image and channel, over its m pixels: xh = (x - mean) * rstd and, with
+        # P(v) = v - mean(v) - xh * <v, xh> / m (<.,.> summing over the pixels),
+        #   dx = gamma * rstd * P(dy),   dweight = sum_images <dy, xh>,   dbias = sum_images sum(dy).
+        # Using d xh_i / d x_j = rstd (delta_ij - 1/m - xh_i xh_j / m) and d rstd / d x_j = -rstd^2 xh_j / m,
+        # the gradients of <u, dx> + g_weight . dweight + g_bias . dbias are
+        #   d/d dy    = gamma rstd P(u) + g_weight xh + g_bias
+        #   d/d x     = s [(K - B V / m) xh + V P(dy) + B P(u)] + g_weight rstd P(dy),   s = -gamma rstd^2 / m
+        #   d/d gamma = sum_images rstd (K - B V / m)
+        # with V = <u, xh>, B = <dy, xh>, K = <u, dy> - m mean(u) mean(dy).
+        dy, x, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        m = h * w
+        r = rstd.view(n, c, 1, 1)
+        xh = torch.addcmul(-mean.view(n, c, 1, 1) * r, x, r)
+        gamma, g_w, g_b = weight.view(1, c, 1, 1), g_weight.view(1, c, 1, 1), g_bias.view(1, c, 1, 1)
+        u_mean, dy_mean = u.mean((2, 3), keepdim=True), dy.mean((2, 3), keepdim=True)
+        V, B = _pixel_dot(u, xh), _pixel_dot(dy, xh)
+        K = _pixel_dot(u, dy) - m * u_mean * dy_mean
+        a = gamma * r
+        # the P(.) expanded, so that each result is one chain of addcmul over [N, C, H, W]
+        grad_dy = torch.addcmul(torch.addcmul(g_b - a * u_mean, a, u), g_w - a * V / m, xh)
+        s = -gamma * r * r / m
+        p_dy, p_u = s * V + g_w * r, s * B  # the coefficients of P(dy) and P(u) in d/d x
+        q = s * (K - B * V / m) - (p_dy * B + p_u * V) / m
+        grad_x = torch.addcmul(torch.addcmul(torch.addcmul(-p_dy * dy_mean - p_u * u_mean, p_dy, dy), p_u, u), q, xh)
+        grad_weight = (r * (K - B * V / m)).sum((0, 2, 3))
+        return grad_dy, grad_x, grad_weight, None, None
+
+
+class _InstanceNorm(torch.autograd.Function):
+    """Group norm with one group per channel; its first derivative is :class:`_InstanceNormGrad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        n, c, h, w = x.shape
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return *_InstanceNormGrad.apply(dy.contiguous(), *ctx.saved_tensors), None
+
+
+def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """``F.group_norm(x, C, weight, bias, eps)`` for ``x [N, C, H, W]`` (the same numbers), twice
+    differentiable with a cheaper second derivative; asking for a third derivative raises."""
+    return _InstanceNorm.apply(x.contiguous(), weight, bias, eps)
+
+
+def _convnet_layers(model: nn.Module) -> list[nn.Module] | None:
+    """``model.features`` if ``model`` is a ConvNet that ``Functional`` can run itself, else None.
+
+    That is every ConvNet but those with batch norm (running statistics) or layer norm.
+    """
+    if type(model) is not ConvNet:
+        return None
+    for layer in model.features:
+        known = (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
+                 or isinstance(layer, nn.GroupNorm) and layer.num_groups == layer.num_channels and layer.affine
+                 or isinstance(layer, (nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.Identity)))
+        if not known:
+            return None
+    return list(model.features)
+
+
 class Functional:
     """A network seen as ``logits = f(theta, x)`` with ``theta`` a flat vector ``[P]``.
 
     The order of ``theta`` is ``model.named_parameters()``; each tensor is flattened row-major.
     Buffers (batch-norm statistics) are taken from the module as they are; the ``Functional``
-    never writes to the module.
+    never writes to the module. A ConvNet without batch or layer norm is run layer by layer
+    here, with :func:`instance_norm` (same logits, cheaper double backward); any other model
+    through ``torch.func.functional_call``.
     """
 
     def __init__(self, model: nn.Module):
@@ -220,6 +322,7 @@ class Functional:
         self.shapes = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
         self.num_params = sum(self.numels)
+        self._convnet_layers = _convnet_layers(model)
 
     def flat_params(self) -> Tensor:
         """The module's current parameters as one detached vector ``[P]``."""
@@ -239,6 +342,20 @@ class Functional:
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         """theta ``[P]``, x ``[batch, c, h, w]`` -> logits ``[batch, num_classes]``."""
+        if self._convnet_layers is not None:
+            return self._convnet(self.unflatten(theta), x)
         # clones, so a train-mode batch norm updates copies of its running stats, not the module's
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         return functional_call(self.model, (self.unflatten(theta), buffers), (x,))
+
+    def _convnet(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``ConvNet.forward`` with the weights in ``params``, instance norm by :func:`instance_norm`."""
+        for i, layer in enumerate(self._convnet_layers):
+            weight, bias = params.get(f"features.{i}.weight"), params.get(f"features.{i}.bias")
+            if isinstance(layer, nn.Conv2d):
+                x = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            elif isinstance(layer, nn.GroupNorm):
+                x = instance_norm(x, weight, bias, layer.eps)
+            else:  # ReLU, pooling, Identity: no weights
+                x = layer(x)
+        return F.linear(x.flatten(1), params["classifier.weight"], params["classifier.bias"])

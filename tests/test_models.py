@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtt_lab.models import MODELS, ConvNet, Functional, get_model
+from torch.func import functional_call
+
+from mtt_lab.models import MODELS, ConvNet, Functional, get_model, instance_norm
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -154,3 +156,50 @@ def test_batchnorm_functional_in_train_mode():
     # eval mode uses the module's running statistics
     model.eval()
     torch.testing.assert_close(f(theta.detach(), x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_instance_norm_equals_group_norm_to_second_order():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.testing.assert_close(instance_norm(x, w, b), F.group_norm(x, 4, w, b), atol=1e-14, rtol=0)
+    assert torch.autograd.gradcheck(instance_norm, (x, w, b))
+    assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
+    # a third derivative must raise, not come out wrong
+    y = instance_norm(x, w, b)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    torch.autograd.grad(gx.pow(2).sum(), x)  # the second derivative: fine
+    with pytest.raises(RuntimeError, match="twice, not three times"):
+        torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pooling": "max"}, {"norm": "none"}])
+def test_functional_convnet_path_matches_functional_call_to_second_order(kwargs):
+    """The hand-run ConvNet gives the Hessian-vector products that functional_call gives."""
+    torch.manual_seed(0)
+    model = get_model("ConvNet", 1, 10, 12, width=4, depth=2, **kwargs).double()
+    f = Functional(model)
+    assert f._convnet_layers is not None  # the fast path is the one under test
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 1, 12, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 10, (5,), generator=g)
+    direction = torch.randn(f.num_params, dtype=torch.float64, generator=g)
+
+    def second_order(forward):
+        theta = f.flat_params().requires_grad_()
+        (grad,) = torch.autograd.grad(F.cross_entropy(forward(theta, x), y), theta, create_graph=True)
+        return torch.autograd.grad(grad @ direction, [theta, x])  # H v and d(g . v)/dx
+
+    def plain(theta, images):
+        return functional_call(model, f.unflatten(theta), (images,))
+
+    for ours, reference in zip(second_order(f), second_order(plain)):
+        assert reference.abs().sum() > 0
+        torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-9)
+
+
+def test_functional_leaves_other_models_to_functional_call():
+    for norm in ("batch", "layer"):
+        assert Functional(get_model("ConvNet", 1, 10, 28, width=4, norm=norm))._convnet_layers is None
+    assert Functional(get_model("LeNet", 1, 10, 28))._convnet_layers is None
