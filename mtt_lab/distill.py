@@ -258,6 +258,22 @@ class Distiller:
         """The learned student step size alpha."""
         return float(self._syn_lr.detach())
 
+    @property
+    def gradients(self) -> tuple[Tensor, float]:
+        """The last step's ``(dloss/dX [C * ipc, c, h, w], dloss/dalpha)`` (copies; zeros before the first)."""
+        return self._images.grad.detach().clone(), float(self._syn_lr.grad)
+
+    def set_images(self, images: Tensor) -> None:
+        """Replace the synthetic images, e.g. to start from a coreset (``[C * ipc, c, h, w]``, same
+        class order as :attr:`labels`). The optimiser state and alpha are kept; the EMA restarts here."""
+        if images.shape != self._images.shape:
+            raise ValueError(f"images of shape {tuple(images.shape)} given; this distiller learns "
+                             f"{tuple(self._images.shape)} (classes * ipc, channels, height, width)")
+        with torch.no_grad():
+            self._images.copy_(images)
+            if self._ema is not None:
+                self._ema.copy_(images)
+
     def update(self, **changes) -> None:
         """Change N, M, T+, lr_img or other knobs between steps (validated against the store).
 

@@ -6,9 +6,7 @@ appended to a log, in order, untouched. Together with the record's ``expert`` / 
 and copies of the images and alpha taken just before ``step()``, that is everything the reference
 (``tests/mtt_reference.py``) needs to recompute the same outer iteration from scratch.
 
-The engine's gradient of the last step is read from ``Distiller._images.grad`` and
-``Distiller._syn_lr.grad`` (``step()`` zeroes them before the backward pass and leaves them in
-place afterwards).
+The engine's gradient of the last step is read from ``Distiller.gradients``.
 
 Everything runs on the CPU, in float64 unless said otherwise, with one intra-op thread: the
 test machine is shared, and several threads fighting for two cores are ~5x slower.
@@ -88,7 +86,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def engine_grads(d: Distiller) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient wrt (images, alpha) computed by the last ``step()``."""
-    return d._images.grad.detach().clone(), d._syn_lr.grad.detach().clone()
+    grad_images, grad_alpha = d.gradients
+    return grad_images, torch.tensor(grad_alpha, dtype=grad_images.dtype)
 
 
 def step_with_reference(d: Distiller, store: TrajectoryStore, log: list, return_path: bool = False):
@@ -313,7 +312,7 @@ def test_alpha_is_projected_above_alpha_min(store, train, monkeypatch):
     monkeypatch.setattr(d, "_trajectory", near_start)
     record = d.step()
     assert not record.skipped
-    assert float(d._syn_lr.grad) > 1e-3  # the premise: this update pushes alpha below zero
+    assert d.gradients[1] > 1e-3  # the premise: this update pushes alpha below zero
     assert d.syn_lr == record.syn_lr == ALPHA_MIN
     for _ in range(3):  # alpha now swings wildly; it must never go below ALPHA_MIN
         record = d.step()
@@ -462,3 +461,30 @@ def test_distillation_lowers_the_loss(single_expert_store, train):
     assert not any(r != r for r in losses)
     # across seeds and experts the ratio is 0.56..0.72; 0.85 leaves room
     assert statistics.fmean(losses[-8:]) < 0.85 * statistics.fmean(losses[:5])
+
+
+def test_gradients_are_copies_and_match_the_update(store, train):
+    d = make(store, train)
+    grad_images, grad_alpha = d.gradients
+    assert grad_images.abs().sum() == 0 and grad_alpha == 0.0  # before the first step
+    before, alpha_before = d.images, d.syn_lr
+    d.step()
+    grad_images, grad_alpha = d.gradients
+    # the first update of SGD with momentum is a plain step: X <- X - lr_img * dL/dX
+    torch.testing.assert_close(d.images, before - d.config.lr_img * grad_images, rtol=1e-12, atol=1e-12)
+    assert d.syn_lr == pytest.approx(alpha_before - d.config.lr_lr * grad_alpha, rel=1e-12)
+    grad_images.zero_()
+    assert d.gradients[0].abs().sum() > 0  # a copy: changing it leaves the distiller alone
+
+
+def test_set_images_starts_from_given_images(store, train):
+    d = make(store, train, ema_decay=0.5)
+    start = torch.randn_like(d.images)
+    d.set_images(start)
+    assert torch.equal(d.images, start) and torch.equal(d.ema_images, start)
+    start.zero_()
+    assert d.images.abs().sum() > 0  # copied in, not aliased
+    d.step()
+    with pytest.raises(ValueError, match=r"images of shape \(3, 1, 28, 28\) given; this distiller learns "
+                                         r"\(10, 1, 28, 28\)"):
+        d.set_images(torch.zeros(3, 1, 28, 28))
