@@ -16,4 +16,4 @@ demo: install
 	$(BIN)/mtt-lab quickstart --out runs/quickstart
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12

@@ -46,7 +46,8 @@ def gradients(store, train, args, mode: str, alpha: float, n: int, seed: int):
     record = d.step()
     if record.skipped:  # non-finite loss or gradient: the student diverged
         return None
-    return d._images.grad.detach().clone(), float(d._syn_lr.grad), (record.expert, record.start_epoch)
+    grad_images, grad_alpha = d.gradients
+    return grad_images, grad_alpha, (record.expert, record.start_epoch)
 
 
 def spread(values: list[float], digits: int) -> str:
