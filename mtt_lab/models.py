@@ -10,8 +10,9 @@ On 28x28 inputs the first conv pads by 3, so a digit is treated as a 32x32 image
 each flattened row-major). Expert trajectories, the student's unrolled steps and all the
 distances in the MTT loss live in that flat space. For a ConvNet with instance norm it runs the
 layers itself, with an instance norm whose second derivative is written out by hand
-(:func:`instance_norm`): MTT differentiates through the student's gradient steps, and that is
-where PyTorch's own group norm is slow.
+(:func:`instance_norm`): MTT differentiates through the student's gradient steps, where PyTorch's
+own group norm builds its second derivative from many small ops (about 10 % slower per iteration
+on a CPU, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
