@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--iterations", type=int, help="MTT iterations at every IPC (default: the preset's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default="runs/bench_accuracy", help="experts are cached here")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
@@ -99,6 +100,7 @@ def main() -> None:
         if "MTT" in args.methods:
             config = distill_configs[ipc]
             config.device = str(train.device)
+            config.iterations = args.iterations or config.iterations
             distiller = Distiller(store, train, config)
             for _ in tqdm(distiller.steps(), total=config.iterations, desc=f"MTT IPC {ipc}"):
                 pass
