@@ -20,11 +20,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from mtt_lab.models import Functional, get_model
 
 
-def unroll_and_differentiate(fn: Functional, theta0, images, labels, steps: int) -> None:
+def unroll_and_differentiate(fn, theta0, images, labels, steps: int) -> None:
     images = images.clone().requires_grad_(True)
     alpha = torch.tensor(0.01, requires_grad=True)
     theta = theta0.clone().requires_grad_(True)
@@ -46,8 +47,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = get_model("ConvNet", 1, 10, 28, width=args.width)
     fast = Functional(model)
-    generic = Functional(model)
-    generic._convnet_layers = None  # force the functional_call path
+
+    def generic(theta, x):  # the module itself, with theta's pieces as its parameters
+        return functional_call(model, fast.unflatten(theta), (x,))
+
     theta0 = fast.flat_params()
     images = torch.randn(args.images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(args.images) % 10
