@@ -11,8 +11,8 @@ each flattened row-major). Expert trajectories, the student's unrolled steps and
 distances in the MTT loss live in that flat space. For a ConvNet with instance norm it runs the
 layers itself, with an instance norm whose second derivative is written out by hand
 (:func:`instance_norm`): MTT differentiates through the student's gradient steps, where PyTorch's
-own group norm builds its second derivative from many small ops (about 10 % slower per iteration
-on a CPU, benchmarks/RESULTS.md).
+own group norm builds its second derivative from many small ops (up to ~14 % slower per iteration
+on a CPU at width 128, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
