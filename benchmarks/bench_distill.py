@@ -22,8 +22,14 @@ How it is measured
 * Time on the CPU: the process's CPU time (``time.process_time``) around the iteration, with one
   intra-op thread (``--threads``). Other jobs on a shared machine stretch wall time but hardly
   CPU time; wall time is in the JSON output. On CUDA: wall time after ``torch.cuda.synchronize``.
+* ``--warmup K`` untimed iterations run first (default: none on the CPU, one on CUDA); a long run
+  is in the steady state that ``--warmup 1`` measures. Their mean CPU time is in the JSON
+  (``warmup_cpu``).
+* ``--memory default kept``: each point is measured with glibc's default allocator settings and/or
+  after ``mtt_lab.cpu_memory.keep_freed_memory()`` (as ``mtt-lab`` and the notebooks run); with both,
+  a last table sets the engine as shipped (kept) against the plain script in a default process.
 * Peak memory on the CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak
-  resident set) after the iteration minus the same just before it, i.e. how far the iteration
+  resident set) at the end minus the same before the warm-up, i.e. how far the iterations
   pushed the high-water mark above what import, data and setup had reached (tracemalloc does not
   see torch's allocations). On CUDA: ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats``, minus the memory allocated before the iteration.
@@ -38,6 +44,7 @@ Usage::
     .venv/bin/python benchmarks/bench_distill.py            # the full sweep
     .venv/bin/python benchmarks/bench_distill.py --quick    # mnist10k only, N in {10, 20}
     .venv/bin/python benchmarks/bench_distill.py --profile  # torch.profiler table of one exact iteration
+    .venv/bin/python benchmarks/bench_distill.py --memory default kept --warmup 1   # the allocator's share
     .venv/bin/python benchmarks/bench_distill.py --device cuda   # adds IPC 50
 """
 
@@ -63,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from mtt_lab.augment import dsa, seeded_generator  # noqa: E402
+from mtt_lab.cpu_memory import keep_freed_memory  # noqa: E402
 from mtt_lab.data import NORMALISATION, ImageDataset, load_splits  # noqa: E402
 from mtt_lab.distill import MODES, DistillConfig, Distiller  # noqa: E402
 from mtt_lab.experts import ExpertConfig, TrajectoryStore, build_model, model_spec  # noqa: E402
@@ -154,21 +162,26 @@ def child(job: dict) -> dict:
     """Run one measurement (in a fresh process) and return its figures."""
     torch.set_num_threads(job["threads"])
     device = job["device"]
+    if job["memory"] == "kept" and not keep_freed_memory():
+        raise RuntimeError("--memory kept: mallopt is not available here (glibc Linux only)")
     work = build_work(job)
-    for _ in range(job["warmup"]):
-        work()
-    gc.collect()
-    sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
+    cuda = device.startswith("cuda")
+    if not cuda:  # the guard and the baseline come before the warm-up, which a CPU peak includes
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (vm_size() + job["limit"], hard))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    cpu, wall = time.process_time(), time.perf_counter()
     try:
+        first = time.process_time()
+        for _ in range(job["warmup"]):
+            work()
+        first = (time.process_time() - first) / max(job["warmup"], 1)
+        gc.collect()
+        sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cpu, wall = time.process_time(), time.perf_counter()
         work()
         sync(device)
     except (RuntimeError, MemoryError) as exc:  # CPU allocator failure under RLIMIT_AS, or CUDA OOM
@@ -177,12 +190,12 @@ def child(job: dict) -> dict:
         return {"oom": True}
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    if device.startswith("cuda"):
+    if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"seconds": wall if device.startswith("cuda") else cpu, "cpu": cpu, "wall": wall, "peak": peak,
-            "faulted": faults * resource.getpagesize()}
+    return {"seconds": wall if cuda else cpu, "cpu": cpu, "wall": wall, "peak": peak,
+            "faulted": faults * resource.getpagesize(), "warmup_cpu": first}
 
 
 def spawn(job: dict, env: dict[str, str]) -> dict:
@@ -237,7 +250,8 @@ def sweep(args) -> None:
     if not cuda:
         limit = min(limit, int(args.mem_fraction * available_memory()))
     env = dict(kv.split("=", 1) for kv in args.env)
-    configs = [(inputs, ipc, n) for inputs in args.inputs for ipc in args.ipc for n in sorted(args.steps)]
+    configs = [(inputs, ipc, n, memory) for memory in args.memory for inputs in args.inputs for ipc in args.ipc
+               for n in sorted(args.steps)]
     results: dict[tuple, list[dict]] = defaultdict(list)
     skipped: dict[tuple, str] = {}
     started = time.perf_counter()
@@ -245,19 +259,19 @@ def sweep(args) -> None:
         stores = {inputs: str(make_store(Path(tmp) / inputs, inputs, args.width).path) for inputs in args.inputs}
         P = {inputs: TrajectoryStore(path).num_params for inputs, path in stores.items()}
         for rep in range(args.reps):
-            for inputs, ipc, n in configs:
+            for inputs, ipc, n, memory in configs:
                 for variant in args.variants:
-                    key = (inputs, ipc, n, variant)
+                    key = (inputs, ipc, n, memory, variant)
                     if key in skipped or (n > args.long and rep >= args.reps_long):
                         continue
                     if variant in GROWS_WITH_N and not cuda:
                         measured = {k[2]: statistics.median(r["peak"] for r in v) for k, v in results.items()
-                                    if k[:2] == (inputs, ipc) and k[3] == variant and v}
+                                    if k[:2] == (inputs, ipc) and k[3:] == (memory, variant) and v}
                         guess = extrapolate(measured, n)
                         if guess is not None and guess > limit:
                             skipped[key] = f">limit (~{guess / GIB:.0f} GiB)"
                             continue
-                    job = {"inputs": inputs, "ipc": ipc, "N": n, "variant": variant, "device": device,
+                    job = {"inputs": inputs, "ipc": ipc, "N": n, "variant": variant, "device": device, "memory": memory,
                            "threads": args.threads, "store": stores[inputs], "limit": limit,
                            "warmup": args.warmup if args.warmup is not None else int(cuda)}
                     r = spawn(job, env)
@@ -266,7 +280,7 @@ def sweep(args) -> None:
                     else:
                         results[key].append(r)
                     print(f"[{time.perf_counter() - started:6.0f}s] rep {rep + 1} {inputs} ipc={ipc} N={n} "
-                          f"{variant}: {r}", file=sys.stderr, flush=True)
+                          f"memory={memory} {variant}: {r}", file=sys.stderr, flush=True)
 
     def med(key, field):
         if key in skipped:
@@ -278,36 +292,49 @@ def sweep(args) -> None:
     print(f"\n### Seconds per outer iteration ({unit}; median of {args.reps} runs, {args.reps_long} beyond N = "
           f"{args.long}; torch {torch.__version__}, device {device}, {args.threads} thread(s), ConvNet width "
           f"{args.width}{', env ' + ' '.join(args.env) if args.env else ''})\n")
-    print("| input | IPC | N | exact | checkpoint | constant | reference | N SGD steps | reference / exact "
+    print("| input | IPC | N | memory | exact | checkpoint | constant | reference | N SGD steps | reference / exact "
           "| checkpoint / exact | constant / exact | exact / SGD | checkpoint / SGD |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for inputs, ipc, n in configs:
-        s = {v: med((inputs, ipc, n, v), "seconds") for v in VARIANTS}
-        print(f"| {inputs} | {ipc} | {n} | " + " | ".join(fmt_s(s[v]) for v in VARIANTS) + " | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for config in configs:
+        s = {v: med((*config, v), "seconds") for v in VARIANTS}
+        print("| " + " | ".join(map(str, config)) + " | " + " | ".join(fmt_s(s[v]) for v in VARIANTS) + " | "
               + " | ".join([ratio(s["reference"], s["exact"]), ratio(s["checkpoint"], s["exact"]),
                             ratio(s["constant"], s["exact"]), ratio(s["exact"], s["sgd"]),
                             ratio(s["checkpoint"], s["sgd"])]) + " |")
 
     what = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth (ru_maxrss)"
     print(f"\n### Peak memory of one outer iteration (MiB, {what}, median; limit {limit / GIB:.1f} GiB)\n")
-    print("| input | IPC | N | exact | checkpoint | constant | reference | N SGD steps | checkpoint / exact "
+    print("| input | IPC | N | memory | exact | checkpoint | constant | reference | N SGD steps | checkpoint / exact "
           "| constant / exact | checkpoint less N+1 vectors | constant less N+1 vectors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for inputs, ipc, n in configs:
-        m = {v: med((inputs, ipc, n, v), "peak") for v in VARIANTS}
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for config in configs:
+        inputs, n = config[0], config[2]
+        m = {v: med((*config, v), "peak") for v in VARIANTS}
         path = (n + 1) * P[inputs] * 4  # float32 theta_0..theta_N
         beyond = [fmt_mib(m[v] - path) if isinstance(m[v], float) else "-" for v in ("checkpoint", "constant")]
-        print(f"| {inputs} | {ipc} | {n} | " + " | ".join(fmt_mib(m[v]) for v in VARIANTS) + " | "
+        print("| " + " | ".join(map(str, config)) + " | " + " | ".join(fmt_mib(m[v]) for v in VARIANTS) + " | "
               + f"{ratio(m['checkpoint'], m['exact'])} | {ratio(m['constant'], m['exact'])} | "
               + " | ".join(beyond) + " |")
     if not cuda:
         print("\n### Fresh memory the iteration touched (GiB: minor page faults x page size, median)\n")
-        print("| input | IPC | N | " + " | ".join(VARIANTS) + " |")
-        print("|---|---|---|" + "---|" * len(VARIANTS))
-        for inputs, ipc, n in configs:
-            print(f"| {inputs} | {ipc} | {n} | " + " | ".join(
-                f"{x / GIB:.1f}" if isinstance(x := med((inputs, ipc, n, v), "faulted"), float) else x
+        print("| input | IPC | N | memory | " + " | ".join(VARIANTS) + " |")
+        print("|---|---|---|---|" + "---|" * len(VARIANTS))
+        for config in configs:
+            print("| " + " | ".join(map(str, config)) + " | " + " | ".join(
+                f"{x / GIB:.1f}" if isinstance(x := med((*config, v), "faulted"), float) else x
                 for v in VARIANTS) + " |")
+    if {"default", "kept"} <= set(args.memory):
+        print("\n### The engine as `mtt-lab` runs it (memory kept) against the plain script in a default process\n")
+        print("| input | IPC | N | reference (default) / exact (kept) | reference (default) / checkpoint (kept) "
+              "| exact: default / kept | N SGD steps: default / kept |")
+        print("|---|---|---|---|---|---|---|")
+        for config in configs:
+            if config[3] == "kept":
+                kept = {v: med((*config, v), "seconds") for v in VARIANTS}
+                default = {v: med((*config[:3], "default", v), "seconds") for v in VARIANTS}
+                print("| " + " | ".join(map(str, config[:3])) + " | " + " | ".join([
+                    ratio(default["reference"], kept["exact"]), ratio(default["reference"], kept["checkpoint"]),
+                    ratio(default["exact"], kept["exact"]), ratio(default["sgd"], kept["sgd"])]) + " |")
     print(f"\nP = {', '.join(f'{k}: {v:,}' for k, v in P.items())} parameters; "
           f"one parameter vector = {max(P.values()) * 4 / 2**20:.2f} MiB. Sweep took "
           f"{time.perf_counter() - started:.0f} s wall.")
@@ -323,6 +350,8 @@ def profile(args) -> None:
     torch.set_num_threads(args.threads)
     inputs, ipc, n = args.inputs[0], args.ipc[0], min(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.memory == ["kept"]:
+            keep_freed_memory()
         job = {"inputs": inputs, "ipc": ipc, "N": n, "variant": "exact", "device": args.device,
                "store": str(make_store(Path(tmp), inputs, args.width).path)}
         work = build_work(job)
@@ -370,6 +399,8 @@ def main(argv=None) -> None:
     p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the measured processes, e.g. MALLOC_MMAP_MAX_=0")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per child (default 0 CPU, 1 CUDA)")
+    p.add_argument("--memory", nargs="+", choices=["default", "kept"], default=["default"],
+                   help="CPU allocator: glibc's default, or mtt_lab.cpu_memory.keep_freed_memory() (as mtt-lab runs)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--mem-limit-gib", type=float, default=24.0)
     p.add_argument("--mem-fraction", type=float, default=0.6, help="at most this part of the available memory")

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .cpu_memory import keep_freed_memory
 from .data import DATASETS, ImageDataset, load_splits
 from .distill import MODES, DistillConfig, Distiller
 from .evaluate import EvalResult, evaluate_synset
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # this process is ours: let malloc reuse freed memory (~1.2-1.6x faster training and distillation
+    # on a CPU, see mtt_lab/cpu_memory.py)
+    keep_freed_memory()
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, TrajectoryStoreError) as exc:

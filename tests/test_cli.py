@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from mtt_lab import cli
 from mtt_lab.cli import main
 
 TINY = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--device", "cpu"]
@@ -120,3 +121,10 @@ def test_kd_and_dlb_write_run_folders(store_dir, tmp_path, capsys):
         assert len(rows) >= 2 and all(0 <= a <= 1 for r in rows for a in r["accuracies"])
         assert json.loads((tmp_path / run / "config.json").read_text())["runs"] == 1
     assert "results.json" in capsys.readouterr().out
+
+
+def test_every_command_keeps_freed_memory(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
+    assert main(["evaluate", "/nonexistent/run"]) == 2
+    assert calls == [True]
