@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from torch.func import functional_call
 
-from mtt_lab.models import MODELS, ConvNet, Functional, get_model, instance_norm
+from mtt_lab.models import MODELS, AvgPool2x2, ConvNet, Functional, avg_pool_2x2, get_model, instance_norm
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -172,6 +172,41 @@ def test_instance_norm_equals_group_norm_to_second_order():
     torch.autograd.grad(gx.pow(2).sum(), x)  # the second derivative: fine
     with pytest.raises(RuntimeError, match="twice, not three times"):
         torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (1, 2, 5, 4)])
+def test_avg_pool_2x2_equals_avg_pool2d_to_any_order(shape):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.testing.assert_close(avg_pool_2x2(x), F.avg_pool2d(x, 2), atol=1e-15, rtol=0)
+    assert torch.autograd.gradcheck(avg_pool_2x2, (x,))
+    assert torch.autograd.gradgradcheck(avg_pool_2x2, (x,))
+    # a nonlinear function of the pooled values: first, second and third derivatives agree
+    w = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, dtype=torch.float64, generator=g)
+    v = torch.randn(*shape, dtype=torch.float64, generator=g)
+
+    def derivatives(pool):
+        value = torch.tanh(pool(x.sin()) * w).pow(2).sum()
+        (d1,) = torch.autograd.grad(value, x, create_graph=True)
+        (d2,) = torch.autograd.grad((d1 * v).sum(), x, create_graph=True)
+        (d3,) = torch.autograd.grad((d2 * v).sum(), x)
+        return d1, d2, d3
+
+    for ours, reference in zip(derivatives(avg_pool_2x2), derivatives(lambda t: F.avg_pool2d(t, 2))):
+        assert reference.abs().sum() > 0
+        torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-9)
+
+
+def test_convnet_pooling_layer_is_avg_pool_2x2_and_matches_pytorch():
+    torch.manual_seed(0)
+    model = get_model("ConvNet", 1, 10, 28, width=4).double()
+    assert sum(isinstance(layer, AvgPool2x2) for layer in model.features) == 3
+    plain = get_model("ConvNet", 1, 10, 28, width=4).double()
+    plain.load_state_dict(model.state_dict())
+    plain.features = torch.nn.Sequential(*[torch.nn.AvgPool2d(2) if isinstance(layer, AvgPool2x2) else layer
+                                           for layer in plain.features])
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(model(x), plain(x), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"pooling": "max"}, {"norm": "none"}])
