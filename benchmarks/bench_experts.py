@@ -26,6 +26,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_experts.py                       # width 128
     .venv/bin/python benchmarks/bench_experts.py --width 32 --batches 20
+    .venv/bin/python benchmarks/bench_experts.py --memory kept         # as mtt-lab experts runs
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtt_lab.augment import default_strategy  # noqa: E402
+from mtt_lab.cpu_memory import keep_freed_memory  # noqa: E402
 from mtt_lab.data import NORMALISATION, _mnist10k_arrays, load_dataset, mnist10k_split  # noqa: E402
 from mtt_lab.models import get_model  # noqa: E402
 from mtt_lab.train import train_epoch  # noqa: E402
@@ -101,8 +103,12 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=12, help="batches per measurement (one pass over batches x batch images)")
     p.add_argument("--reps", type=int, default=5, help="measurements per variant (median)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the training process")
+    p.add_argument("--memory", choices=["default", "kept"], default="default",
+                   help="glibc's default allocator, or mtt_lab.cpu_memory.keep_freed_memory() (as mtt-lab runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory == "kept" and not keep_freed_memory():
+        p.error("--memory kept: mallopt is not available here (glibc Linux only)")
 
     n = args.batches * args.batch
     train = load_dataset("mnist10k", "train")
