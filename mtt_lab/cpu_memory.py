@@ -5,14 +5,14 @@ most 32 MiB) with a fresh ``mmap`` and unmaps it again on ``free``. One ``exact`
 at IPC 10 and width 128 allocates and frees about 10 GiB of activations (one
 ``[100, 128, 32, 32]`` float tensor is 52 MB), so the kernel maps and zeroes about 10 GiB of new
 pages every iteration: on a 2-core CPU that was 28 % of the iteration's CPU time, and 30 % of
-plain SGD's (benchmarks/RESULTS.md, "Memory the kernel zeroes"). :func:`keep_freed_memory` tells
-glibc to serve every block from its heap and never to shrink that heap, so the next iteration
-reuses pages that are already mapped.
+plain SGD's (benchmarks/RESULTS.md, "Where a CPU iteration's time went").
+:func:`keep_freed_memory` tells glibc to serve every block from its heap and never to shrink that
+heap, so from the second iteration on the pages are already mapped.
 
-The price: the process keeps the memory of its largest step resident until it exits, and
-the heap can fragment (measured peaks up to ~16 % higher for ``exact``). It is process-wide, so the
-library never does it on its own: the ``mtt-lab`` command (a process of its own) calls it, and a
-notebook or script may call it once at the top.
+The price: the process keeps the memory of its largest step resident until it exits, and the
+heap can fragment (measured peaks 6 to 17 % higher for ``exact``, 25 to 64 % for ``checkpoint``).
+It is process-wide, so the library never does it on its own: the ``mtt-lab`` command (a process
+of its own) calls it, and a notebook or script may call it once at the top.
 """
 
 from __future__ import annotations
