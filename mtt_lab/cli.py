@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # this process is ours: let malloc reuse freed memory (~1.2-1.6x faster training and distillation
+    # this process is ours: let malloc reuse freed memory (1.2x to 1.8x faster training and distillation
     # on a CPU, see mtt_lab/cpu_memory.py)
     keep_freed_memory()
     try:

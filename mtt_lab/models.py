@@ -14,7 +14,7 @@ layers itself, with an instance norm whose second derivative is written out by h
 own group norm builds its second derivative from many small ops (up to ~14 % slower per iteration
 on a CPU at width 128, benchmarks/RESULTS.md). The ConvNet's 2x2 average pooling is
 :func:`avg_pool_2x2` (strided additions forward, a copy backward, differentiable to any order), which
-makes a training step 1.15x to 1.25x and an ``exact`` MTT iteration ~1.08x faster on a CPU.
+makes a training step 1.10x to 1.35x and an ``exact`` MTT iteration 1.08x to 1.18x faster on a CPU.
 """
 
 from __future__ import annotations
