@@ -348,10 +348,9 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     torch.set_num_threads(args.threads)
+    kept = "kept" in args.memory and keep_freed_memory()
     inputs, ipc, n = args.inputs[0], args.ipc[0], min(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.memory == ["kept"]:
-            keep_freed_memory()
         job = {"inputs": inputs, "ipc": ipc, "N": n, "variant": "exact", "device": args.device,
                "store": str(make_store(Path(tmp), inputs, args.width).path)}
         work = build_work(job)
@@ -372,7 +371,8 @@ def profile(args) -> None:
             if any(k in e.key for k in keys):
                 share[group] += e.self_cpu_time_total / total
                 break
-    print(f"### torch.profiler: one exact outer iteration, {inputs}, IPC {ipc}, N {n}, width {args.width}\n")
+    print(f"### torch.profiler: one exact outer iteration, {inputs}, IPC {ipc}, N {n}, width {args.width}, "
+          f"memory {'kept' if kept else 'default'}\n")
     print("| ops | share of self time |\n|---|---|")
     for group, x in share.items():
         print(f"| {group} | {100 * x:.0f} % |")
