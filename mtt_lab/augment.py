@@ -53,9 +53,22 @@ def default_strategy(dataset_name: str) -> str:
     return DIGIT_STRATEGY if dataset_name in DIGIT_DATASETS else FULL_STRATEGY
 
 
+def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """A host tensor on ``device`` (and ``dtype``) without making the host wait for the device.
+
+    On CUDA the copy starts from pinned memory with ``non_blocking=True``, so it is queued on the
+    stream like a kernel (a plain ``.to("cuda")`` of pageable memory synchronises); elsewhere it
+    is a plain ``.to``. DSA parameters, mini-batch indices and expert snapshots travel this way.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.to(dtype or t.dtype).pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
 def _rand(generator, n, x):
     """``[n]`` uniform [0, 1) numbers drawn on the CPU generator, moved to ``x``'s device/dtype."""
-    return torch.rand(n, generator=generator).to(x)
+    return to_device(torch.rand(n, generator=generator), x.device, x.dtype)
 
 
 def _brightness(x, g, p):
@@ -88,7 +101,7 @@ def _crop(x, g, p):
     # translate by integer (dx, dy) in [-pad, pad] pixels, pad = round(crop_pad * size)
     n, _, h, w = x.shape
     pad = int(h * p.crop_pad + 0.5)
-    shift = torch.randint(-pad, pad + 1, (n, 2), generator=g).to(x)
+    shift = to_device(torch.randint(-pad, pad + 1, (n, 2), generator=g), x.device, x.dtype)
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     # normalised coordinates span [-1, 1] over (size - 1) pixels
@@ -101,8 +114,8 @@ def _cutout(x, g, p):
     # zero a side x side square centred at a random pixel (clipped at the border)
     n, _, h, w = x.shape
     side = int(h * p.cutout + 0.5)
-    cy = torch.randint(0, h, (n, 1, 1), generator=g).to(x.device) - side // 2
-    cx = torch.randint(0, w, (n, 1, 1), generator=g).to(x.device) - side // 2
+    cy = to_device(torch.randint(0, h, (n, 1, 1), generator=g), x.device) - side // 2
+    cx = to_device(torch.randint(0, w, (n, 1, 1), generator=g), x.device) - side // 2
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     hole = (rows >= cy) & (rows < cy + side) & (cols >= cx) & (cols < cx + side)  # [n, h, w]
@@ -110,14 +123,14 @@ def _cutout(x, g, p):
 
 
 def _flip(x, g, p):
-    flip = (torch.rand(len(x), generator=g) < p.flip_prob).to(x.device).view(-1, 1, 1, 1)
+    flip = to_device(torch.rand(len(x), generator=g) < p.flip_prob, x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
 
 
 def _scale(x, g, p):
     # independent x / y scale factors s ~ U(1/scale, scale)
     n = len(x)
-    s = torch.rand(n, 2, generator=g).to(x) * (p.scale - 1 / p.scale) + 1 / p.scale
+    s = to_device(torch.rand(n, 2, generator=g), x.device, x.dtype) * (p.scale - 1 / p.scale) + 1 / p.scale
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = s[:, 0], s[:, 1]
     return _affine(x, theta)
@@ -126,7 +139,7 @@ def _scale(x, g, p):
 def _rotate(x, g, p):
     # angle ~ U(-rotate, rotate) degrees
     n = len(x)
-    angle = (torch.rand(n, generator=g).to(x) - 0.5) * 2 * p.rotate * math.pi / 180
+    angle = (_rand(g, n, x) - 0.5) * 2 * p.rotate * math.pi / 180
     cos, sin = angle.cos(), angle.sin()
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, sin, -sin, cos

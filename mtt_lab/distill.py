@@ -9,6 +9,11 @@ One outer iteration (:meth:`Distiller.step`):
 4. backpropagate through all N steps into the pixels X and into alpha; SGD with momentum 0.5
    updates both.
 
+With ``trajectories = K > 1`` steps 1-4 run for K students, each from its own expert and start
+epoch, and the update uses the mean of their K gradients. Under ``torchrun`` the K unrolls are
+split across the processes (``mtt_lab.distributed``): each sums its own, one ``all_reduce`` adds
+the sums up, and every process applies the same update.
+
 Three ways to get the gradient of step 4 (``DistillConfig.mode``):
 
 ``exact``       keep the whole N-step graph (create_graph=True) and differentiate the loss through it.
@@ -46,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import default_strategy, dsa, parse_strategy, seeded_generator
+from . import distributed
+from .augment import default_strategy, dsa, parse_strategy, seeded_generator, to_device
 from .data import ImageDataset
 from .experts import TrajectoryStore, TrajectoryStoreError
 from .models import Functional
@@ -75,6 +81,7 @@ class DistillConfig:
     dsa_strategy: str | None = None  # None = the dataset's default (no flips for digits)
     iterations: int = 500
     mode: str = "exact"  # exact | checkpoint | constant
+    trajectories: int = 1  # K: student unrolls per outer iteration, their gradients averaged (1 = MTT)
     model: str | None = None  # expected expert architecture; None = whatever the store holds
     soft_labels: bool = False  # TESLA: learn against an expert's soft labels
     ema_decay: float | None = None  # FTD: keep an EMA of the images (e.g. 0.999)
@@ -98,6 +105,7 @@ class DistillConfig:
             (self.pix_init in ("real", "noise"), f"pix_init must be 'real' or 'noise', got {self.pix_init!r}"),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}"),
+            (self.trajectories >= 1, f"trajectories (K) must be >= 1, got {self.trajectories}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
             (self.max_start_epoch_end is None or self.max_start_epoch_end >= self.max_start_epoch,
              f"max_start_epoch_end (DATM's window only grows) must be >= max_start_epoch={self.max_start_epoch}, "
@@ -122,7 +130,8 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one outer iteration did. ``student_path`` ([N + 1, P], CPU) only when asked for."""
+    """What one outer iteration did. ``loss`` is the mean over its K unrolls; ``student_path``
+    ([N + 1, P], CPU, the first unroll this process ran) only when asked for."""
 
     iteration: int  # 1-based count of finished iterations
     loss: float
@@ -135,6 +144,8 @@ class StepRecord:
     grad_norm_lr: float
     seconds: float
     skipped: bool = False  # True when the loss or a gradient was not finite
+    experts: tuple[int, ...] = ()  # all K unrolls' experts and start epochs (the first is expert / start_epoch)
+    start_epochs: tuple[int, ...] = ()
     student_path: Tensor | None = None
 
     def as_dict(self) -> dict:
@@ -191,9 +202,12 @@ class Distiller:
     readable at any time; N, M, T+ and lr_img may be changed between steps with :meth:`update`.
     """
 
-    def __init__(self, store: TrajectoryStore, train: ImageDataset, config: DistillConfig | None = None):
+    def __init__(self, store: TrajectoryStore, train: ImageDataset, config: DistillConfig | None = None,
+                 ctx: distributed.Context | None = None):
         self.config = config = config or DistillConfig()
+        self.ctx = ctx or distributed.current()
         config.validate(store.epochs)
+        self._check_world(config)
         if len(store) == 0:
             raise TrajectoryStoreError(f"{store.path} holds no finished expert yet")
         spec = store.model_spec
@@ -280,15 +294,26 @@ class Distiller:
         ``update(syn_steps=40, expert_epochs=3)``; ``lr_img`` also updates the optimiser.
         """
         allowed = {"syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch", "lr_img", "lr_lr",
-                   "batch_syn", "max_start_epoch_end", "mode", "iterations"}
+                   "batch_syn", "max_start_epoch_end", "mode", "iterations", "trajectories"}
         bad = set(changes) - allowed
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} during a run; changeable: {sorted(allowed)}")
         candidate = DistillConfig(**{**asdict(self.config), **changes})
         candidate.validate(self.store.epochs)
+        self._check_world(candidate)
         self.config = candidate
         self.opt_img.param_groups[0]["lr"] = candidate.lr_img
         self.opt_lr.param_groups[0]["lr"] = candidate.lr_lr
+
+    def _check_world(self, config: DistillConfig) -> None:
+        """Each process runs K / world unrolls: K must be a multiple of the number of processes."""
+        k, world = config.trajectories, self.ctx.world_size
+        if world > k:
+            raise ValueError(f"{world} processes but trajectories (K) = {k}: each process needs at least one "
+                             f"unroll per iteration; use K >= {world} (a multiple of {world}) or fewer processes")
+        if k % world:
+            raise ValueError(f"trajectories (K) = {k} is not a multiple of the {world} processes; "
+                             f"use K = {k - k % world} or {k - k % world + world}")
 
     # -- one outer iteration ----------------------------------------------------------------------
     def _trajectory(self, i: int) -> Tensor:
@@ -318,46 +343,91 @@ class Distiller:
         for _ in range(self.config.syn_steps):
             if not chunks:
                 chunks = list(torch.randperm(n, generator=self.generator).split(batch))
-            index = chunks.pop(0).to(self.device)
+            index = to_device(chunks.pop(0), self.device)
             plans.append(StepPlan(index, int(torch.randint(2**62, (1,), generator=self.generator))))
         return plans
 
-    def step(self, return_path: bool = False) -> StepRecord:
-        """Run one outer iteration and return its record (see the module docstring)."""
-        start_time = time.perf_counter()
+    def _draw(self) -> tuple[int, int, list[StepPlan]]:
+        """One unroll's expert, start epoch and plans, from the (host) generator."""
         c = self.config
         expert = int(torch.randint(len(self.store), (1,), generator=self.generator))
         start_epoch = int(torch.randint(c.min_start_epoch, self._current_max_start(), (1,), generator=self.generator))
-        trajectory = self._trajectory(expert)
-        theta_start = trajectory[start_epoch].to(self.device, self.dtype)
-        theta_target = trajectory[start_epoch + c.expert_epochs].to(self.device, self.dtype)
-        plans = self._plan()
+        return expert, start_epoch, self._plan()
 
-        self.opt_img.zero_grad(set_to_none=False)
-        self.opt_lr.zero_grad(set_to_none=False)
-        if c.mode == "exact":
-            loss, path = self._exact_backward(theta_start, theta_target, plans, return_path)
-        else:
-            loss, path = self._walk_back(theta_start, theta_target, plans, freeze_adjoint=c.mode == "constant")
+    def step(self, return_path: bool = False) -> StepRecord:
+        """Run one outer iteration and return its record (see the module docstring).
 
-        grad_images, grad_lr = self._images.grad, self._syn_lr.grad
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_images).all() and torch.isfinite(grad_lr))
-        if finite:
-            self.opt_img.step()
-            self.opt_lr.step()
-            with torch.no_grad():
-                self._syn_lr.clamp_(min=ALPHA_MIN)  # keep alpha positive (projection)
-                if self._ema is not None:
-                    # FTD: ema <- d * ema + (1 - d) * X
-                    self._ema.mul_(c.ema_decay).add_(self._images.detach(), alpha=1 - c.ema_decay)
+        Between its start and the record the host never waits for the device: the draws come from a
+        CPU generator, host tensors travel with :func:`~mtt_lab.augment.to_device`, a non-finite
+        gradient is masked on the device, and the record's numbers come back in one copy at the end.
+        """
+        start_time = time.perf_counter()
+        c = self.config
+        # every process draws all K unrolls in the same order, so their generators stay equal
+        draws = [self._draw() for _ in range(c.trajectories)]
+        loss = torch.zeros((), device=self.device, dtype=self.dtype)
+        grad_images, grad_lr = torch.zeros_like(self._images), torch.zeros_like(self._syn_lr)
+        path = None
+        for k in self.ctx.block(c.trajectories):
+            expert, start_epoch, plans = draws[k]
+            trajectory = self._trajectory(expert)
+            theta_start = to_device(trajectory[start_epoch], self.device, self.dtype)
+            theta_target = to_device(trajectory[start_epoch + c.expert_epochs], self.device, self.dtype)
+            if c.mode == "exact":
+                loss_k, grads, path_k = self._exact_backward(theta_start, theta_target, plans,
+                                                             return_path and path is None)
+            else:
+                loss_k, grads, path_k = self._walk_back(theta_start, theta_target, plans,
+                                                        freeze_adjoint=c.mode == "constant")
+            path = path_k if path is None else path
+            loss += loss_k
+            grad_images += grads[0]
+            grad_lr += grads[1]
+        self.ctx.all_reduce_sum_([loss, grad_images, grad_lr])  # the sums over all processes' unrolls
+        # dloss/dX = (1/K) sum_k dloss_k/dX (likewise alpha and the loss itself)
+        for t in (loss, grad_images, grad_lr):
+            t.div_(c.trajectories)
+        self._images.grad.copy_(grad_images)
+        self._syn_lr.grad.copy_(grad_lr)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_images).all() & torch.isfinite(grad_lr)
+        self._update(finite)
         self.iteration += 1
+        # the one device -> host copy of the iteration: what the record says
+        loss_value, skipped, norm_images, norm_lr, syn_lr = torch.stack([
+            loss, (~finite).to(self.dtype), grad_images.norm(), grad_lr.abs(), self._syn_lr.detach()]).tolist()
         return StepRecord(
-            iteration=self.iteration, loss=float(loss), syn_lr=self.syn_lr, expert=expert,
-            start_epoch=start_epoch, syn_steps=c.syn_steps, expert_epochs=c.expert_epochs,
-            grad_norm_images=float(grad_images.norm()), grad_norm_lr=float(grad_lr.abs()),
-            seconds=time.perf_counter() - start_time, skipped=not finite,
+            iteration=self.iteration, loss=loss_value, syn_lr=syn_lr, expert=draws[0][0],
+            start_epoch=draws[0][1], syn_steps=c.syn_steps, expert_epochs=c.expert_epochs,
+            grad_norm_images=norm_images, grad_norm_lr=norm_lr,
+            seconds=time.perf_counter() - start_time, skipped=bool(skipped),
+            experts=tuple(d[0] for d in draws), start_epochs=tuple(d[1] for d in draws),
             student_path=torch.stack(path).cpu().float() if return_path else None,
         )
+
+    def _update(self, finite: Tensor) -> None:
+        """SGD with momentum on X and alpha, undone on the device unless ``finite`` (a 0-dim bool).
+
+        A skipped update leaves the images, alpha, their momenta and the EMA as they were, without
+        the host having to read ``finite``. (A first step's missing momentum is kept as zeros, which
+        the next step's ``0.5 * 0 + g`` turns into the same fresh momentum ``g``.)
+        """
+        pairs = ((self.opt_img, self._images), (self.opt_lr, self._syn_lr))
+        before = []
+        for opt, p in pairs:
+            momentum = opt.state[p].get("momentum_buffer")
+            before.append((p.detach().clone(), None if momentum is None else momentum.clone()))
+        self.opt_img.step()
+        self.opt_lr.step()
+        with torch.no_grad():
+            for (opt, p), (old, old_momentum) in zip(pairs, before):
+                p.copy_(torch.where(finite, p, old))
+                momentum = opt.state[p]["momentum_buffer"]
+                momentum.copy_(torch.where(finite, momentum, 0 if old_momentum is None else old_momentum))
+            self._syn_lr.clamp_(min=ALPHA_MIN)  # keep alpha positive (projection)
+            if self._ema is not None:
+                d = self.config.ema_decay
+                # FTD: ema <- d * ema + (1 - d) * X
+                self._ema.copy_(torch.where(finite, torch.add(self._ema * d, self._images, alpha=1 - d), self._ema))
 
     def steps(self, iterations: int | None = None, return_path: bool = False) -> Iterator[StepRecord]:
         """Yield records until ``config.iterations`` (or ``iterations`` more) have run."""
@@ -366,7 +436,7 @@ class Distiller:
             yield self.step(return_path=return_path)
 
     def _exact_backward(self, theta_start, theta_target, plans, keep_path):
-        """Backpropagation through the whole unrolled graph."""
+        """Backpropagation through the whole unrolled graph: ``(loss, (dloss/dX, dloss/dalpha), path)``."""
         theta = theta_start.detach().requires_grad_(True)
         path = [theta.detach()]
         for plan in plans:
@@ -375,14 +445,15 @@ class Distiller:
             if keep_path:
                 path.append(theta.detach())
         loss = trajectory_loss(theta, theta_start, theta_target)
-        if torch.isfinite(loss):  # otherwise the gradients stay zero and step() reports a skip
-            # only the images and alpha: loss.backward() would also compute dloss/dtheta_0 (one
-            # more Hessian-vector product, through step 0) that nothing uses
-            self._images.grad, self._syn_lr.grad = torch.autograd.grad(loss, [self._images, self._syn_lr])
-        return loss.detach(), path
+        # only the images and alpha: loss.backward() would also compute dloss/dtheta_0 (one more
+        # Hessian-vector product, through step 0) that nothing uses. A non-finite loss gives
+        # non-finite gradients, and step() skips the update.
+        grads = torch.autograd.grad(loss, [self._images, self._syn_lr])
+        return loss.detach(), grads, path
 
     def _walk_back(self, theta_start, theta_target, plans, freeze_adjoint: bool):
-        """``checkpoint`` (exact, memory flat in N) and ``constant`` (TESLA) gradients."""
+        """``checkpoint`` (exact, memory flat in N) and ``constant`` (TESLA) gradients:
+        ``(loss, (dloss/dX, dloss/dalpha), path)``."""
         images, lr = self._images, self._syn_lr
         # forward: N steps without a graph, keeping theta_0..theta_N
         path = [theta_start]
@@ -391,8 +462,6 @@ class Distiller:
             path.append(student_step(self.fn, theta, images.detach(), self._labels, lr.detach(), plan,
                                      self.strategy, create_graph=False)[0].detach())
         loss = trajectory_loss(path[-1], theta_start, theta_target)
-        if not torch.isfinite(loss):
-            return loss, path
         # lambda_N = dloss/dtheta_N = 2 (theta_N - theta*_{t+M}) / ||theta*_t - theta*_{t+M}||^2
         adjoint = 2 * (path[-1] - theta_target) / (theta_start - theta_target).pow(2).sum()
         grad_images = torch.zeros_like(images)
@@ -411,9 +480,7 @@ class Distiller:
             if need_hvp:
                 # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
                 adjoint = adjoint - alpha * grads[1]
-        images.grad.copy_(grad_images)
-        lr.grad.copy_(grad_lr)
-        return loss, path
+        return loss, (grad_images, grad_lr), path
 
     # -- saving and resuming --------------------------------------------------------------------
     def state_dict(self) -> dict:
