@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .cpu_memory import keep_freed_memory
 from .data import DATASETS, ImageDataset, load_splits
 from .distill import MODES, DistillConfig, Distiller
@@ -61,34 +62,49 @@ def load_synthetic_set(run: Path) -> dict:
 
 def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConfig, run: Path,
                 checkpoint_every: int = 50, resume: bool = False, progress: bool = True) -> Distiller:
-    """Distil into run folder ``run``; with ``resume`` continue from its checkpoint exactly."""
-    run.mkdir(parents=True, exist_ok=True)
+    """Distil into run folder ``run``; with ``resume`` continue from its checkpoint exactly.
+
+    Under torchrun every process runs the distiller (all hold the same images) and only rank 0
+    writes the run folder.
+    """
     distiller = Distiller(store, train, config)
+    ctx = distiller.ctx
     log = run / "log.jsonl"
     checkpoint = run / "checkpoint.pt"
     if resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
-        distiller.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
+        state = ctx.agree(_read_checkpoint, checkpoint)
+        distiller.load_state_dict(state)
         distiller.update(iterations=config.iterations)  # a resumed run may be extended
-        # drop records written after the checkpoint: they will be recomputed identically
-        lines = log.read_text().splitlines() if log.is_file() else []
-        atomic_write_bytes(log, lambda f: f.write("".join(l + "\n" for l in lines[:distiller.iteration]).encode()))
-    else:
+        if ctx.is_main:
+            # drop records written after the checkpoint: they will be recomputed identically
+            lines = log.read_text().splitlines() if log.is_file() else []
+            atomic_write_bytes(log, lambda f: f.write("".join(l + "\n" for l in lines[:distiller.iteration]).encode()))
+    elif ctx.is_main:
+        run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "config.json", {"distill": asdict(config), "experts": str(store.path)})
         log.write_text("")
+    progress = progress and ctx.is_main
     bar = tqdm(total=distiller.config.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
-    with log.open("a") as out:
+    with (log.open("a") if ctx.is_main else open(os.devnull, "w")) as out:
         for record in distiller.steps():
             out.write(json.dumps(record.as_dict()) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.syn_lr:.4f}")
-            if record.iteration % checkpoint_every == 0 or record.iteration == distiller.config.iterations:
+            if ctx.is_main and (record.iteration % checkpoint_every == 0
+                                or record.iteration == distiller.config.iterations):
                 out.flush()
                 save_torch(checkpoint, distiller.state_dict())
     bar.close()
-    save_synthetic_set(run, distiller)
+    if ctx.is_main:
+        save_synthetic_set(run, distiller)
+    ctx.barrier()  # the run folder is complete before any process returns
     return distiller
+
+
+def _read_checkpoint(checkpoint: Path) -> dict:
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint.pt in {checkpoint.parent}")
+    return torch.load(checkpoint, weights_only=True, map_location="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,11 +114,12 @@ def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConf
 def cmd_experts(args) -> None:
     config = ExpertConfig(dataset=args.dataset, model=args.model, num_experts=args.experts, epochs=args.epochs,
                           lr=args.lr, batch_size=args.batch_size, dsa=not args.no_dsa, zca=args.zca,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=str(distributed.current().device))
     t0 = time.perf_counter()
     store = train_experts(config, args.out)
-    print(f"{len(store)} experts in {store.path} ({time.perf_counter() - t0:.0f} s)")
-    _print_store(store)
+    if distributed.current().is_main:
+        print(f"{len(store)} experts in {store.path} ({time.perf_counter() - t0:.0f} s)")
+        _print_store(store)
 
 
 def _print_store(store: TrajectoryStore) -> None:
@@ -151,22 +168,25 @@ def _distill_config(args, **overrides) -> DistillConfig:
     fields = dict(ipc=args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
                   max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
                   lr_teacher=args.lr_teacher, batch_syn=args.batch_syn, pix_init=args.pix_init,
-                  iterations=args.iterations or DistillConfig.iterations, mode=args.mode, soft_labels=args.soft_labels,
+                  iterations=args.iterations or DistillConfig.iterations, mode=args.mode,
+                  trajectories=args.trajectories, soft_labels=args.soft_labels,
                   ema_decay=args.ema_decay, seed=args.seed, device=args.device)
     return DistillConfig(**{**fields, **overrides})
 
 
 def cmd_distill(args) -> None:
-    store = TrajectoryStore(args.experts)
-    device = resolve_device(args.device)
-    train, _ = load_splits(store.dataset, zca=store.zca, device=device)
+    ctx = distributed.current()
+    store = ctx.agree(TrajectoryStore, args.experts)  # every process must see the store
+    train, _ = ctx.agree(load_splits, store.dataset, zca=store.zca, device=ctx.device)
     run = Path(args.out)
-    config = _distill_config(args)
+    config = _distill_config(args, device=str(ctx.device))
     if args.resume:  # the run's own settings; --iterations may extend it
-        config = DistillConfig(**json.loads((run / "config.json").read_text())["distill"])
+        config = DistillConfig(**ctx.agree(lambda: json.loads((run / "config.json").read_text()))["distill"])
         config.iterations = args.iterations or config.iterations
+        config.device = str(ctx.device)
     distiller = distill_run(store, train, config, run, args.checkpoint_every, args.resume)
-    print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {run}")
+    if ctx.is_main:
+        print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {run}")
 
 
 def cmd_evaluate(args) -> None:
@@ -273,12 +293,18 @@ def _table(rows) -> str:
 # ----------------------------------------------------------------------------------------------
 # argument parsing
 
+DISTRIBUTED_COMMANDS = ("experts", "distill")  # the commands that split their work under torchrun
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtt-lab", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def distributed_flags(p):
+        p.add_argument("--backend", default=None, choices=list(distributed.BACKENDS),
+                       help="under torchrun: gloo (CPU) or nccl (CUDA); default: nccl on CUDA, else gloo")
 
     def command(name, help):
         p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -287,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("experts", "train expert networks and record their parameter trajectories")
+    distributed_flags(p)
     p.add_argument("--dataset", default="mnist10k", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL", help="network architecture")
     p.add_argument("--experts", type=int, default=5, help="number of experts K")
@@ -304,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = DistillConfig()
     p = command("distill", "distil a synthetic set by matching expert trajectories")
+    distributed_flags(p)
     p.add_argument("--experts", required=True, help="trajectory store folder")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--ipc", type=int, default=d.ipc, help="images per class")
@@ -317,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pix-init", default=d.pix_init, choices=["real", "noise"])
     p.add_argument("--iterations", type=int, default=None, help=f"outer iterations (default {d.iterations})")
     p.add_argument("--mode", default=d.mode, choices=list(MODES), help="gradient mode")
+    p.add_argument("--trajectories", type=int, default=d.trajectories,
+                   help="K: student unrolls averaged per iteration (under torchrun a multiple of the processes)")
     p.add_argument("--soft-labels", action="store_true", help="TESLA soft labels from an expert")
     p.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -372,10 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     # on a CPU, see mtt_lab/cpu_memory.py)
     keep_freed_memory()
     try:
+        if args.command in DISTRIBUTED_COMMANDS:
+            distributed.init(args.device, args.backend)  # a no-op without torchrun
+        elif distributed.launched_by_torchrun():
+            raise ValueError(f"only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun; "
+                             f"run {args.command} as a plain process")
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, TrajectoryStoreError) as exc:
         print(f"mtt-lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ On disk a :class:`TrajectoryStore` is a folder::
 Every file is written to a temporary name and renamed into place, and the manifest lists an
 expert only once its file is complete, so a killed run loses at most the expert in progress
 and ``train_experts`` on the same folder carries on where it stopped.
+
+Under ``torchrun`` expert i is trained by rank i mod world. Each rank writes its experts' files
+and, beside each, ``expert_XXX.metrics.json``; after a barrier rank 0 alone moves those metrics
+into the manifest, in expert order, with one atomic write. A rerun after a killed rank first
+lists what any rank finished, then trains the rest: the store ends as one process writes it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .augment import default_strategy
 from .data import load_splits
 from .models import Functional, get_model
@@ -207,31 +212,66 @@ class TrajectoryStore:
         return problems
 
     # -- writing -------------------------------------------------------------------------------
-    def append(self, trajectory: Tensor, metrics: dict) -> None:
-        """Write one expert's ``[E + 1, P]`` trajectory atomically, then list it in the manifest."""
-        name = f"expert_{len(self):03d}.pt"
+    def _metrics_file(self, i: int) -> Path:
+        return self.path / f"expert_{i:03d}.metrics.json"
+
+    def finished(self, i: int) -> bool:
+        """Expert i is listed, or its file and metrics are written and wait for :meth:`collect`."""
+        return i < len(self) or self._metrics_file(i).is_file()
+
+    def write_expert(self, i: int, trajectory: Tensor, metrics: dict) -> None:
+        """Write expert i's ``[E + 1, P]`` trajectory, then its metrics, each atomically (any rank)."""
+        name = f"expert_{i:03d}.pt"
         data = trajectory.detach().to("cpu", torch.float32).contiguous()
         atomic_write_bytes(self.path / name, lambda f: torch.save(data, f))
-        self.manifest["experts"].append({"file": name, **metrics})
+        atomic_write_json(self._metrics_file(i), {"file": name, **metrics})
+
+    def collect(self) -> None:
+        """List every written expert that follows the listed ones, in order, in one manifest write."""
+        new = []
+        while self._metrics_file(len(self) + len(new)).is_file():
+            new.append(json.loads(self._metrics_file(len(self) + len(new)).read_text()))
+        if not new:
+            return
+        first = len(self)
+        self.manifest["experts"].extend(new)
         atomic_write_json(self.path / MANIFEST, self.manifest)
+        for i in range(first, len(self)):
+            self._metrics_file(i).unlink()
+
+    def append(self, trajectory: Tensor, metrics: dict) -> None:
+        """Write one expert's ``[E + 1, P]`` trajectory atomically, then list it in the manifest."""
+        self.write_expert(len(self), trajectory, metrics)
+        self.collect()
 
 
-def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool = True) -> TrajectoryStore:
+def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool = True,
+                  ctx: distributed.Context | None = None) -> TrajectoryStore:
     """Train ``config.num_experts`` experts into the store at ``out`` (resuming if it exists).
 
     Each expert starts from its own seed (``config.seed * 1000 + i``), trains ``config.epochs``
-    epochs, and records theta*_0..theta*_E plus train loss and test accuracy per epoch.
+    epochs, and records theta*_0..theta*_E plus train loss and test accuracy per epoch. Under
+    torchrun (``ctx``, default :func:`distributed.current`) this rank trains experts i = rank mod
+    world; the files are the ones a single process writes (same seeds, same arithmetic).
     """
+    ctx = ctx or distributed.current()
     config.validate()
+    if ctx.world_size > config.num_experts:
+        raise ValueError(f"{ctx.world_size} processes for {config.num_experts} experts: every process needs an "
+                         f"expert to train; use at most {config.num_experts} processes or more experts")
     device = resolve_device(config.device)
     train, test = load_splits(config.dataset, zca=config.zca, device=device)
     spec = model_spec(config, train.channels, train.num_classes, train.image_size)
     probe = build_model(spec)
-    store = TrajectoryStore.create(out, spec, config, Functional(probe).num_params)
+    # rank 0 creates (or checks and reopens) the store and lists what a killed run finished; then
+    # every rank opens it. Either step failing on any rank fails on all of them.
+    ctx.agree(lambda: ctx.is_main and TrajectoryStore.create(out, spec, config, Functional(probe).num_params).collect())
+    store = ctx.agree(TrajectoryStore, out)
     strategy = default_strategy(config.dataset) if config.dsa else ""
 
-    for i in tqdm(range(len(store), config.num_experts), desc="experts", disable=not progress,
-                  initial=len(store), total=config.num_experts):
+    todo = [i for i in ctx.shard(config.num_experts) if not store.finished(i)]
+    share = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.active else ""
+    for i in tqdm(todo, desc="experts" + share, disable=not progress or not ctx.is_main):
         seed = config.seed * 1000 + i
         torch.manual_seed(seed)
         model = build_model(spec).to(device)
@@ -242,13 +282,20 @@ def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool =
         snapshots = [flat.flat_params().cpu()]
         test_acc = [accuracy(model, test.images, test.labels)]
         train_loss, start = [], time.perf_counter()
-        epochs = tqdm(range(config.epochs), desc=f"expert {i}", leave=False, disable=not progress)
+        epochs = tqdm(range(config.epochs), desc=f"expert {i}", leave=False, disable=not progress or not ctx.is_main)
         for _ in epochs:
             train_loss.append(train_epoch(model, optimizer, train.images, train.labels,
                                           config.batch_size, generator, strategy))
             test_acc.append(accuracy(model, test.images, test.labels))
             snapshots.append(flat.flat_params().cpu())
             epochs.set_postfix(loss=f"{train_loss[-1]:.3f}", acc=f"{test_acc[-1]:.3f}")
-        store.append(torch.stack(snapshots), {"seed": seed, "train_loss": train_loss, "test_acc": test_acc,
-                                              "seconds": round(time.perf_counter() - start, 2)})
-    return store
+        store.write_expert(i, torch.stack(snapshots), {"seed": seed, "train_loss": train_loss, "test_acc": test_acc,
+                                                      "seconds": round(time.perf_counter() - start, 2)})
+        if not ctx.active:
+            store.collect()  # one process lists each expert as soon as it is written
+    # every rank's files are complete: rank 0 lists them (one atomic manifest write)
+    ctx.barrier()
+    if ctx.is_main:
+        store.collect()
+    ctx.barrier()
+    return TrajectoryStore(out)
