@@ -202,13 +202,61 @@ def test_loss_and_momentum_update(store, train, recorded_plans):
     assert d.syn_lr == pytest.approx(a1 - 1e-5 * (0.5 * float(l1) + float(l2)), rel=1e-12)
 
 
+
+@pytest.mark.parametrize("mode", ["exact", "checkpoint"])
+def test_k_trajectories_average_the_reference_gradients(store, train, recorded_plans, mode):
+    """K = 3: the update uses the mean of three independent reference gradients (own expert, start, plans)."""
+    d = make(store, train, mode=mode, trajectories=3, batch_syn=6, max_start_epoch=3)
+    images, alpha, labels = d.images, d.syn_lr, d.labels
+    record = d.step()
+    assert len(recorded_plans) == 3 and len(record.experts) == len(record.start_epochs) == 3
+    assert (record.expert, record.start_epoch) == (record.experts[0], record.start_epochs[0])
+    model = store.build_model().to(torch.float64)
+    refs = []
+    for expert, start, plans in zip(record.experts, record.start_epochs, recorded_plans):
+        trajectory = store[expert].to(torch.float64)
+        refs.append(mtt_reference_grad(model, trajectory[start], trajectory[start + 1],
+                                       images.clone().requires_grad_(True), labels,
+                                       torch.tensor(alpha, dtype=torch.float64, requires_grad=True),
+                                       [(p.index, p.seed) for p in plans], DIGIT_STRATEGY))
+    g, l = engine_grads(d)
+    assert rel(g, sum(r[1] for r in refs) / 3) < 1e-12
+    assert float(l) == pytest.approx(float(sum(r[2] for r in refs)) / 3, rel=1e-12)
+    assert record.loss == pytest.approx(float(sum(r[0] for r in refs)) / 3, rel=1e-12)
+    assert rel(refs[0][1], refs[1][1]) > 1e-3  # the unrolls differ, so averaging is tested
+    torch.testing.assert_close(d.images, images - d.config.lr_img * g, rtol=1e-13, atol=1e-13)
+
+
+def test_k_trajectories_constant_mode_averages_its_own_unrolls(store, train, recorded_plans):
+    """constant has no reference: K = 2 equals the mean of the two unrolls run one by one."""
+    d = make(store, train, mode="constant", trajectories=2, syn_steps=4)
+    twin = make(store, train, mode="constant", syn_steps=4)  # same images and alpha, never stepped
+    record = d.step()
+    singles = []
+    for expert, start, plans in zip(record.experts, record.start_epochs, recorded_plans):
+        trajectory = store[expert].to(torch.float64)
+        _, grads, _ = twin._walk_back(trajectory[start], trajectory[start + 1], plans, freeze_adjoint=True)
+        singles.append(grads)
+    g, l = engine_grads(d)
+    assert rel(g, (singles[0][0] + singles[1][0]) / 2) < 1e-13
+    assert float(l) == pytest.approx(float(singles[0][1] + singles[1][1]) / 2, rel=1e-13)
+    assert rel(singles[0][0], singles[1][0]) > 1e-3
+
+
+def test_k_1_draws_as_before(store, train, recorded_plans):
+    """K = 1 is the paper's outer iteration: the records hold the one expert and start epoch."""
+    record = make(store, train).step()
+    assert record.experts == (record.expert,) and record.start_epochs == (record.start_epoch,)
+    assert len(recorded_plans) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # resuming and changing knobs
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.9])
-def test_resume_is_bit_for_bit(store, train, tmp_path, ema_decay):
-    kw = dict(batch_syn=4, syn_steps=3, iterations=6, ema_decay=ema_decay)
+@pytest.mark.parametrize("ema_decay, trajectories", [(None, 1), (0.9, 1), (None, 2)])
+def test_resume_is_bit_for_bit(store, train, tmp_path, ema_decay, trajectories):
+    kw = dict(batch_syn=4, syn_steps=3, iterations=6, ema_decay=ema_decay, trajectories=trajectories)
     straight = make(store, train, **kw)
     records = list(straight.steps())
 
