@@ -42,6 +42,7 @@ the run (DATM's window).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ from .models import Functional
 from .train import resolve_device
 
 MODES = ("exact", "checkpoint", "constant")
+PRECISIONS = ("float32", "bfloat16", "tf32")  # the student unrolls' arithmetic (see DistillConfig)
 ALPHA_MIN = 1e-6
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -89,6 +91,9 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    # the unrolls' arithmetic with dtype float32: exact float32, bfloat16 autocast (convolutions and
+    # the linear layer in bfloat16, the rest in float32), or TF32 convolutions/matmuls (CUDA only)
+    precision: str = "float32"
 
     def validate(self, epochs: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad value; ``epochs`` = E of the experts."""
@@ -111,6 +116,9 @@ class DistillConfig:
              f"max_start_epoch_end (DATM's window only grows) must be >= max_start_epoch={self.max_start_epoch}, "
              f"got {self.max_start_epoch_end}"),
             (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.precision == "float32" or self.dtype == "float32",
+             f"precision {self.precision!r} lowers float32 arithmetic; it needs dtype 'float32', got {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +202,17 @@ def unroll(fn: Functional, theta0: Tensor, images: Tensor, labels: Tensor, lr: T
     return theta
 
 
+@contextlib.contextmanager
+def _tf32():
+    """TF32 tensor-core convolutions and matmuls inside the block (CUDA's process-wide flags, restored)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 class Distiller:
     """Learns a synthetic set by MTT. Drive it with :meth:`step` or iterate :meth:`steps`.
 
@@ -225,6 +244,9 @@ class Distiller:
         self.store, self.train = store, train
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
+        if config.precision == "tf32" and self.device.type != "cuda":
+            raise ValueError(f"precision 'tf32' is a CUDA mode; this distiller runs on {self.device} "
+                             f"(use 'bfloat16' or 'float32')")
         self.strategy = (config.dsa_strategy or default_strategy(train.name)) if config.dsa else ""
         self.fn = Functional(store.build_model().to(self.device, self.dtype))
         self._trajectories: dict[int, Tensor] = {}
@@ -373,12 +395,13 @@ class Distiller:
             trajectory = self._trajectory(expert)
             theta_start = to_device(trajectory[start_epoch], self.device, self.dtype)
             theta_target = to_device(trajectory[start_epoch + c.expert_epochs], self.device, self.dtype)
-            if c.mode == "exact":
-                loss_k, grads, path_k = self._exact_backward(theta_start, theta_target, plans,
-                                                             return_path and path is None)
-            else:
-                loss_k, grads, path_k = self._walk_back(theta_start, theta_target, plans,
-                                                        freeze_adjoint=c.mode == "constant")
+            with self._precision():
+                if c.mode == "exact":
+                    loss_k, grads, path_k = self._exact_backward(theta_start, theta_target, plans,
+                                                                 return_path and path is None)
+                else:
+                    loss_k, grads, path_k = self._walk_back(theta_start, theta_target, plans,
+                                                            freeze_adjoint=c.mode == "constant")
             path = path_k if path is None else path
             loss += loss_k
             grad_images += grads[0]
@@ -403,6 +426,14 @@ class Distiller:
             experts=tuple(d[0] for d in draws), start_epochs=tuple(d[1] for d in draws),
             student_path=torch.stack(path).cpu().float() if return_path else None,
         )
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """The arithmetic of one unroll (``config.precision``); the update is always in ``dtype``."""
+        if self.config.precision == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.precision == "tf32":
+            return _tf32()
+        return contextlib.nullcontext()
 
     def _update(self, finite: Tensor) -> None:
         """SGD with momentum on X and alpha, undone on the device unless ``finite`` (a 0-dim bool).

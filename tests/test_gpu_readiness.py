@@ -134,3 +134,31 @@ def test_the_audit_sees_what_would_synchronise(store, train, monkeypatch):
     monkeypatch.setattr(Distiller, "_plan", lambda self: [distill.StepPlan(host_index(), p.seed)
                                                           for p in plan(self)])
     assert "aten.index.Tensor" in audited_step(d, monkeypatch).mixed
+
+
+# ------------------------------------------------------------------------------------------------
+# lower precision (off by default)
+
+
+def test_bfloat16_autocast_is_close_to_float32_but_not_equal(store, train):
+    grads = {}
+    for precision in ("float32", "bfloat16"):
+        d = Distiller(store, train, DistillConfig(ipc=2, syn_steps=4, expert_epochs=1, max_start_epoch=2,
+                                                  precision=precision, device="cpu"))
+        record = d.step()
+        grads[precision] = d.gradients[0]
+        assert not record.skipped and d.images.dtype == torch.float32
+    a, b = grads["bfloat16"].flatten(), grads["float32"].flatten()
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.95
+    assert float((a - b).norm() / b.norm()) > 1e-4  # the unroll really ran in bfloat16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(precision="float16"), r"precision must be one of \('float32', 'bfloat16', 'tf32'\), got 'float16'"),
+    (dict(precision="bfloat16", dtype="float64"), r"precision 'bfloat16' lowers float32 arithmetic; it needs dtype"),
+    (dict(precision="tf32"), r"precision 'tf32' is a CUDA mode; this distiller runs on cpu"),
+])
+def test_bad_precisions_are_refused(store, train, overrides, message):
+    config = DistillConfig(syn_steps=2, expert_epochs=1, max_start_epoch=2, device="cpu", **overrides)
+    with pytest.raises(ValueError, match=message):
+        Distiller(store, train, config)
