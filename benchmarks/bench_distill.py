@@ -46,6 +46,7 @@ Usage::
     .venv/bin/python benchmarks/bench_distill.py --profile  # torch.profiler table of one exact iteration
     .venv/bin/python benchmarks/bench_distill.py --memory default kept --warmup 1   # the allocator's share
     .venv/bin/python benchmarks/bench_distill.py --device cuda   # adds IPC 50
+    .venv/bin/python benchmarks/bench_distill.py --trajectories 1 4 8   # K unrolls per iteration (modes only)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def build_work(job: dict):
     store, train = TrajectoryStore(job["store"]), dataset(job["inputs"], device)
     d = Distiller(store, train, DistillConfig(
         ipc=job["ipc"], syn_steps=job["N"], expert_epochs=1, max_start_epoch=1, iterations=10**6,
-        mode=variant if variant in MODES else "exact", device=device))
+        mode=variant if variant in MODES else "exact", trajectories=job.get("K", 1), device=device))
     if variant in MODES:
         return d.step
     # the same draws as the engine's first step: expert 0, start epoch 0, then the plan
@@ -250,8 +251,8 @@ def sweep(args) -> None:
     if not cuda:
         limit = min(limit, int(args.mem_fraction * available_memory()))
     env = dict(kv.split("=", 1) for kv in args.env)
-    configs = [(inputs, ipc, n, memory) for memory in args.memory for inputs in args.inputs for ipc in args.ipc
-               for n in sorted(args.steps)]
+    configs = [(inputs, ipc, n, k, memory) for memory in args.memory for inputs in args.inputs for ipc in args.ipc
+               for n in sorted(args.steps) for k in args.trajectories]
     results: dict[tuple, list[dict]] = defaultdict(list)
     skipped: dict[tuple, str] = {}
     started = time.perf_counter()
@@ -259,19 +260,20 @@ def sweep(args) -> None:
         stores = {inputs: str(make_store(Path(tmp) / inputs, inputs, args.width).path) for inputs in args.inputs}
         P = {inputs: TrajectoryStore(path).num_params for inputs, path in stores.items()}
         for rep in range(args.reps):
-            for inputs, ipc, n, memory in configs:
+            for inputs, ipc, n, k, memory in configs:
                 for variant in args.variants:
-                    key = (inputs, ipc, n, memory, variant)
-                    if key in skipped or (n > args.long and rep >= args.reps_long):
-                        continue
+                    key = (inputs, ipc, n, k, memory, variant)
+                    if key in skipped or (n > args.long and rep >= args.reps_long) or (k > 1 and variant not in MODES):
+                        continue  # the reference and SGD are one unroll
                     if variant in GROWS_WITH_N and not cuda:
-                        measured = {k[2]: statistics.median(r["peak"] for r in v) for k, v in results.items()
-                                    if k[:2] == (inputs, ipc) and k[3:] == (memory, variant) and v}
+                        measured = {c[2]: statistics.median(r["peak"] for r in v) for c, v in results.items()
+                                    if c[:2] == (inputs, ipc) and c[3:] == (k, memory, variant) and v}
                         guess = extrapolate(measured, n)
                         if guess is not None and guess > limit:
                             skipped[key] = f">limit (~{guess / GIB:.0f} GiB)"
                             continue
-                    job = {"inputs": inputs, "ipc": ipc, "N": n, "variant": variant, "device": device, "memory": memory,
+                    job = {"inputs": inputs, "ipc": ipc, "N": n, "K": k, "variant": variant, "device": device,
+                           "memory": memory,
                            "threads": args.threads, "store": stores[inputs], "limit": limit,
                            "warmup": args.warmup if args.warmup is not None else int(cuda)}
                     r = spawn(job, env)
@@ -279,7 +281,7 @@ def sweep(args) -> None:
                         skipped[key] = "OOM"
                     else:
                         results[key].append(r)
-                    print(f"[{time.perf_counter() - started:6.0f}s] rep {rep + 1} {inputs} ipc={ipc} N={n} "
+                    print(f"[{time.perf_counter() - started:6.0f}s] rep {rep + 1} {inputs} ipc={ipc} N={n} K={k} "
                           f"memory={memory} {variant}: {r}", file=sys.stderr, flush=True)
 
     def med(key, field):
@@ -292,9 +294,9 @@ def sweep(args) -> None:
     print(f"\n### Seconds per outer iteration ({unit}; median of {args.reps} runs, {args.reps_long} beyond N = "
           f"{args.long}; torch {torch.__version__}, device {device}, {args.threads} thread(s), ConvNet width "
           f"{args.width}{', env ' + ' '.join(args.env) if args.env else ''})\n")
-    print("| input | IPC | N | memory | exact | checkpoint | constant | reference | N SGD steps | reference / exact "
+    print("| input | IPC | N | K | memory | exact | checkpoint | constant | reference | N SGD steps | reference / exact "
           "| checkpoint / exact | constant / exact | exact / SGD | checkpoint / SGD |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in configs:
         s = {v: med((*config, v), "seconds") for v in VARIANTS}
         print("| " + " | ".join(map(str, config)) + " | " + " | ".join(fmt_s(s[v]) for v in VARIANTS) + " | "
@@ -304,9 +306,9 @@ def sweep(args) -> None:
 
     what = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth (ru_maxrss)"
     print(f"\n### Peak memory of one outer iteration (MiB, {what}, median; limit {limit / GIB:.1f} GiB)\n")
-    print("| input | IPC | N | memory | exact | checkpoint | constant | reference | N SGD steps | checkpoint / exact "
+    print("| input | IPC | N | K | memory | exact | checkpoint | constant | reference | N SGD steps | checkpoint / exact "
           "| constant / exact | checkpoint less N+1 vectors | constant less N+1 vectors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in configs:
         inputs, n = config[0], config[2]
         m = {v: med((*config, v), "peak") for v in VARIANTS}
@@ -317,8 +319,8 @@ def sweep(args) -> None:
               + " | ".join(beyond) + " |")
     if not cuda:
         print("\n### Fresh memory the iteration touched (GiB: minor page faults x page size, median)\n")
-        print("| input | IPC | N | memory | " + " | ".join(VARIANTS) + " |")
-        print("|---|---|---|---|" + "---|" * len(VARIANTS))
+        print("| input | IPC | N | K | memory | " + " | ".join(VARIANTS) + " |")
+        print("|---|---|---|---|---|" + "---|" * len(VARIANTS))
         for config in configs:
             print("| " + " | ".join(map(str, config)) + " | " + " | ".join(
                 f"{x / GIB:.1f}" if isinstance(x := med((*config, v), "faulted"), float) else x
@@ -329,9 +331,9 @@ def sweep(args) -> None:
               "| exact: default / kept | N SGD steps: default / kept |")
         print("|---|---|---|---|---|---|---|")
         for config in configs:
-            if config[3] == "kept":
+            if config[4] == "kept" and config[3] == 1:
                 kept = {v: med((*config, v), "seconds") for v in VARIANTS}
-                default = {v: med((*config[:3], "default", v), "seconds") for v in VARIANTS}
+                default = {v: med((*config[:4], "default", v), "seconds") for v in VARIANTS}
                 print("| " + " | ".join(map(str, config[:3])) + " | " + " | ".join([
                     ratio(default["reference"], kept["exact"]), ratio(default["reference"], kept["checkpoint"]),
                     ratio(default["exact"], kept["exact"]), ratio(default["sgd"], kept["sgd"])]) + " |")
@@ -392,6 +394,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 40, 80], help="values of N")
     p.add_argument("--ipc", nargs="+", type=int, default=None, help="default 10 (10 and 50 on CUDA)")
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--trajectories", nargs="+", type=int, default=[1],
+                   help="values of K (unrolls per iteration; K > 1 runs the modes only)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--reps", type=int, default=2, help="repeats per point (median)")
     p.add_argument("--reps-long", type=int, default=1, help="repeats for N > --long (these are slow)")
