@@ -5,7 +5,7 @@
 #   benchmarks/gpu.sh --dry-run [OUT]   anywhere: the same steps, tiny, on the CPU (the tests run this)
 #
 # 1. engine table: 28x28 and 32x32x3, IPC 10 and 50, N 10/20/40/80, every mode and the reference,
-#    K = 1/4/8 unrolls per iteration (bench_distill.py)
+#    K = 1/4/8 unrolls per iteration (bench_distill.py); K = 1/4/8 as a loop vs stacked (bench_batched.py)
 # 2. gradient error of bfloat16 and TF32 against float32, and the synchronisations inside one outer
 #    iteration counted by torch.cuda.set_sync_debug_mode (bench_precision.py)
 # 3. expert throughput: mtt-lab experts, images per second over the training
@@ -25,6 +25,7 @@ if [[ $DRY == 1 ]]; then
   DEVICE=cpu
   DISTILL=(--inputs mnist --ipc 1 --steps 2 --trajectories 2 --variants exact checkpoint constant --width 16 --reps 1)
   PRECISION=(--width 16 --ipc 1 --steps 2 --seeds 1)
+  BATCHED=(--width 16 --ipc 1 --steps 2 --trajectories 2 --modes exact --reps 1)
   EXPERTS=(--model ConvNetW16 --experts 2 --epochs 1)
   export OMP_NUM_THREADS=1
 else
@@ -32,6 +33,7 @@ else
   DEVICE=cuda
   DISTILL=(--inputs mnist cifar --ipc 10 50 --steps 10 20 40 80 --trajectories 1 4 8 --reps 2)
   PRECISION=(--inputs cifar --width 128 --ipc 10 --steps 20 --seeds 3 --sync-check)
+  BATCHED=(--inputs cifar --width 128 --ipc 10 --steps 20 --trajectories 1 4 8 --modes exact checkpoint constant)
   EXPERTS=(--model ConvNetW128 --experts 4 --epochs 2)
 fi
 
@@ -43,6 +45,8 @@ fi
 
 echo "1/4 engine table" >&2
 "$PY" benchmarks/bench_distill.py --device "$DEVICE" "${DISTILL[@]}" --json "$OUT/distill.json" >> "$OUT/gpu.md"
+
+"$PY" benchmarks/bench_batched.py --device "$DEVICE" "${BATCHED[@]}" --json "$OUT/batched.json" >> "$OUT/gpu.md"
 
 echo "2/4 precision and synchronisations" >&2
 "$PY" benchmarks/bench_precision.py --device "$DEVICE" "${PRECISION[@]}" --json "$OUT/precision.json" >> "$OUT/gpu.md"

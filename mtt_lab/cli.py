@@ -169,7 +169,7 @@ def _distill_config(args, **overrides) -> DistillConfig:
                   max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
                   lr_teacher=args.lr_teacher, batch_syn=args.batch_syn, pix_init=args.pix_init,
                   iterations=args.iterations or DistillConfig.iterations, mode=args.mode,
-                  trajectories=args.trajectories, soft_labels=args.soft_labels,
+                  trajectories=args.trajectories, batched=args.batched, soft_labels=args.soft_labels,
                   ema_decay=args.ema_decay, seed=args.seed, device=args.device)
     return DistillConfig(**{**fields, **overrides})
 
@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=d.mode, choices=list(MODES), help="gradient mode")
     p.add_argument("--trajectories", type=int, default=d.trajectories,
                    help="K: student unrolls averaged per iteration (under torchrun a multiple of the processes)")
+    p.add_argument("--batched", action="store_true", help="run the K unrolls as one stacked network (ConvNets)")
     p.add_argument("--soft-labels", action="store_true", help="TESLA soft labels from an expert")
     p.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
     p.add_argument("--checkpoint-every", type=int, default=50)

@@ -84,6 +84,7 @@ class DistillConfig:
     iterations: int = 500
     mode: str = "exact"  # exact | checkpoint | constant
     trajectories: int = 1  # K: student unrolls per outer iteration, their gradients averaged (1 = MTT)
+    batched: bool = False  # run a process's K unrolls as one stacked network (ConvNets) instead of a loop
     model: str | None = None  # expected expert architecture; None = whatever the store holds
     soft_labels: bool = False  # TESLA: learn against an expert's soft labels
     ema_decay: float | None = None  # FTD: keep an EMA of the images (e.g. 0.999)
@@ -171,8 +172,9 @@ class StepPlan:
 
 def trajectory_loss(theta_end: Tensor, theta_start: Tensor, theta_target: Tensor) -> Tensor:
     """MTT's normalised parameter distance (a scalar):
-    ||theta_end - theta_target||^2 / ||theta_start - theta_target||^2."""
-    return (theta_end - theta_target).pow(2).sum() / (theta_start - theta_target).pow(2).sum()
+    ||theta_end - theta_target||^2 / ||theta_start - theta_target||^2, summed over the rows of
+    ``[K, P]`` stacked students (one row ``[P]``: the plain loss)."""
+    return ((theta_end - theta_target).pow(2).sum(-1) / (theta_start - theta_target).pow(2).sum(-1)).sum()
 
 
 def student_step(fn: Functional, theta: Tensor, images: Tensor, labels: Tensor, lr: Tensor, plan: StepPlan,
@@ -188,6 +190,18 @@ def student_step(fn: Functional, theta: Tensor, images: Tensor, labels: Tensor, 
     (g,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
     # theta_{i+1} = theta_i - alpha * g_i
     return theta - lr * g, g
+
+
+def stacked_step(fn: Functional, thetas: Tensor, images: Tensor, labels: Tensor, lr: Tensor,
+                 plans: tuple[StepPlan, ...], strategy: str, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """:func:`student_step` for K students at once: thetas ``[K, P]``, one plan per student (their
+    mini-batches have the same size). Returns ``(thetas - lr * g, g)``, g ``[K, P]`` the K gradients
+    (the sum of the K losses separates, so row k of its gradient is student k's own)."""
+    xs = torch.stack([dsa(images[p.index], strategy, seeded_generator(p.seed)) for p in plans])
+    logits = fn.stacked(thetas, xs)
+    ce = sum(F.cross_entropy(logits[k], labels[p.index]) for k, p in enumerate(plans))
+    (g,) = torch.autograd.grad(ce, thetas, create_graph=create_graph)
+    return thetas - lr * g, g
 
 
 def unroll(fn: Functional, theta0: Tensor, images: Tensor, labels: Tensor, lr: Tensor, plans: list[StepPlan],
@@ -249,6 +263,9 @@ class Distiller:
                              f"(use 'bfloat16' or 'float32')")
         self.strategy = (config.dsa_strategy or default_strategy(train.name)) if config.dsa else ""
         self.fn = Functional(store.build_model().to(self.device, self.dtype))
+        if config.batched and not self.fn.can_stack:
+            raise ValueError(f"batched=True stacks ConvNets with instance norm or none; {spec['name']} "
+                             f"{spec['kwargs'] or ''} runs its unrolls in a loop (batched=False)")
         self._trajectories: dict[int, Tensor] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
@@ -390,11 +407,17 @@ class Distiller:
         loss = torch.zeros((), device=self.device, dtype=self.dtype)
         grad_images, grad_lr = torch.zeros_like(self._images), torch.zeros_like(self._syn_lr)
         path = None
-        for k in self.ctx.block(c.trajectories):
-            expert, start_epoch, plans = draws[k]
-            trajectory = self._trajectory(expert)
-            theta_start = to_device(trajectory[start_epoch], self.device, self.dtype)
-            theta_target = to_device(trajectory[start_epoch + c.expert_epochs], self.device, self.dtype)
+        mine = [draws[k] for k in self.ctx.block(c.trajectories)]
+        # a loop over this process's unrolls, or all of them as one stacked network
+        for group in ([mine] if c.batched else [[draw] for draw in mine]):
+            rows = [self._trajectory(expert) for expert, _, _ in group]
+            theta_start = torch.stack([to_device(r[start], self.device, self.dtype) for r, (_, start, _) in zip(rows, group)])
+            theta_target = torch.stack([to_device(r[start + c.expert_epochs], self.device, self.dtype)
+                                        for r, (_, start, _) in zip(rows, group)])
+            if c.batched:  # N steps, each a tuple of one plan per student
+                plans = list(zip(*(draw[2] for draw in group)))
+            else:
+                theta_start, theta_target, plans = theta_start[0], theta_target[0], group[0][2]
             with self._precision():
                 if c.mode == "exact":
                     loss_k, grads, path_k = self._exact_backward(theta_start, theta_target, plans,
@@ -402,7 +425,8 @@ class Distiller:
                 else:
                     loss_k, grads, path_k = self._walk_back(theta_start, theta_target, plans,
                                                             freeze_adjoint=c.mode == "constant")
-            path = path_k if path is None else path
+            if path is None:
+                path = [p[0] for p in path_k] if c.batched else path_k
             loss += loss_k
             grad_images += grads[0]
             grad_lr += grads[1]
@@ -466,13 +490,19 @@ class Distiller:
         while self.iteration < (stop if stop is not None else self.config.iterations):
             yield self.step(return_path=return_path)
 
+    def _student_step(self, theta: Tensor, images: Tensor, lr: Tensor, plan, create_graph: bool):
+        """One student step (theta ``[P]``, one plan) or K stacked ones (theta ``[K, P]``, K plans)."""
+        step = stacked_step if theta.dim() == 2 else student_step
+        return step(self.fn, theta, images, self._labels, lr, plan, self.strategy, create_graph=create_graph)
+
     def _exact_backward(self, theta_start, theta_target, plans, keep_path):
-        """Backpropagation through the whole unrolled graph: ``(loss, (dloss/dX, dloss/dalpha), path)``."""
+        """Backpropagation through the whole unrolled graph: ``(loss, (dloss/dX, dloss/dalpha), path)``.
+
+        theta_start, theta_target: ``[P]`` (plans: N StepPlans) or ``[K, P]`` (N tuples of K)."""
         theta = theta_start.detach().requires_grad_(True)
         path = [theta.detach()]
         for plan in plans:
-            theta, _ = student_step(self.fn, theta, self._images, self._labels, self._syn_lr, plan,
-                                    self.strategy, create_graph=True)
+            theta, _ = self._student_step(theta, self._images, self._syn_lr, plan, create_graph=True)
             if keep_path:
                 path.append(theta.detach())
         loss = trajectory_loss(theta, theta_start, theta_target)
@@ -490,24 +520,22 @@ class Distiller:
         path = [theta_start]
         for plan in plans:
             theta = path[-1].detach().requires_grad_(True)
-            path.append(student_step(self.fn, theta, images.detach(), self._labels, lr.detach(), plan,
-                                     self.strategy, create_graph=False)[0].detach())
+            path.append(self._student_step(theta, images.detach(), lr.detach(), plan, create_graph=False)[0].detach())
         loss = trajectory_loss(path[-1], theta_start, theta_target)
         # lambda_N = dloss/dtheta_N = 2 (theta_N - theta*_{t+M}) / ||theta*_t - theta*_{t+M}||^2
-        adjoint = 2 * (path[-1] - theta_target) / (theta_start - theta_target).pow(2).sum()
+        adjoint = 2 * (path[-1] - theta_target) / (theta_start - theta_target).pow(2).sum(-1, keepdim=True)
         grad_images = torch.zeros_like(images)
         grad_lr = torch.zeros_like(lr)
         alpha = lr.detach()
         for i in reversed(range(len(plans))):
             theta = path[i].detach().requires_grad_(True)
-            _, g = student_step(self.fn, theta, images, self._labels, alpha, plans[i], self.strategy,
-                                create_graph=True)
+            _, g = self._student_step(theta, images, alpha, plans[i], create_graph=True)
             # s = g_i . lambda_{i+1}; its derivatives give the image gradient and H_i lambda_{i+1}
             s = (g * adjoint).sum()
             need_hvp = not freeze_adjoint and i > 0
             grads = torch.autograd.grad(s, [images, theta] if need_hvp else [images])
             grad_images -= alpha * grads[0]
-            grad_lr -= g.detach() @ adjoint
+            grad_lr -= torch.dot(g.detach().flatten(), adjoint.flatten())  # summed over stacked students
             if need_hvp:
                 # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
                 adjoint = adjoint - alpha * grads[1]

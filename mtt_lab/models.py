@@ -410,6 +410,40 @@ class Functional:
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         return functional_call(self.model, (self.unflatten(theta), buffers), (x,))
 
+    @property
+    def can_stack(self) -> bool:
+        """Whether :meth:`stacked` can run this network (the ConvNets that run layer by layer)."""
+        return self._convnet_layers is not None
+
+    def stacked(self, thetas: Tensor, xs: Tensor) -> Tensor:
+        """K networks at once: thetas ``[K, P]``, xs ``[K, batch, c, h, w]`` -> logits ``[K, batch, classes]``.
+
+        The K inputs sit side by side as channel groups of one batch ``[batch, K * c, h, w]``; each
+        convolution runs with ``groups = K`` (network k's filters see only group k), instance norm
+        is per channel anyway, and the last layer is one batched matrix product. Network k's logits
+        are those of ``self(thetas[k], xs[k])`` up to rounding.
+        """
+        if not self.can_stack:
+            raise ValueError(f"stacked unrolls need a ConvNet with instance norm or none, not {type(self.model).__name__}")
+        k, batch = xs.shape[:2]
+        if thetas.shape != (k, self.num_params):
+            raise ValueError(f"expected thetas of shape [{k}, {self.num_params}], got {list(thetas.shape)}")
+        # params[name]: [K, *shape]
+        params = {n: t.reshape(k, *s) for n, t, s in zip(self.names, thetas.split(self.numels, dim=1), self.shapes)}
+        x = xs.transpose(0, 1).flatten(1, 2)  # [batch, K * c, h, w]
+        for i, layer in enumerate(self._convnet_layers):
+            weight, bias = params.get(f"features.{i}.weight"), params.get(f"features.{i}.bias")
+            if isinstance(layer, nn.Conv2d):
+                x = F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+                             layer.stride, layer.padding, layer.dilation, k)
+            elif isinstance(layer, nn.GroupNorm):
+                x = instance_norm(x, weight.flatten(), bias.flatten(), layer.eps)
+            else:
+                x = layer(x)
+        features = x.reshape(batch, k, -1).transpose(0, 1)  # [K, batch, width * s * s]
+        # logits_k = features_k W_k^T + b_k
+        return torch.baddbmm(params["classifier.bias"].unsqueeze(1), features, params["classifier.weight"].transpose(1, 2))
+
     def _convnet(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """``ConvNet.forward`` with the weights in ``params``, instance norm by :func:`instance_norm`."""
         for i, layer in enumerate(self._convnet_layers):

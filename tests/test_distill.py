@@ -243,6 +243,27 @@ def test_k_trajectories_constant_mode_averages_its_own_unrolls(store, train, rec
     assert rel(singles[0][0], singles[1][0]) > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["exact", "checkpoint", "constant"])
+def test_batched_unrolls_equal_the_loop(store, train, mode):
+    """K = 3 students stacked into one network give the loop's gradients, update and records."""
+    kw = dict(mode=mode, trajectories=3, batch_syn=6, iterations=2, ema_decay=0.5)
+    loop, batched = make(store, train, **kw), make(store, train, batched=True, **kw)
+    for a, b in zip(loop.steps(return_path=True), batched.steps(return_path=True)):
+        assert (a.experts, a.start_epochs) == (b.experts, b.start_epochs)
+        assert b.loss == pytest.approx(a.loss, rel=1e-12)
+        assert rel(b.student_path, a.student_path) < 1e-12
+        (gl, ll), (gb, lb) = engine_grads(loop), engine_grads(batched)
+        assert rel(gb, gl) < 1e-12 and float(lb) == pytest.approx(float(ll), rel=1e-12)
+    assert rel(batched.images, loop.images) < 1e-12 and rel(batched.ema_images, loop.ema_images) < 1e-12
+
+
+def test_batched_needs_a_convnet(train, tmp_path):
+    config = ExpertConfig(model="LeNet", num_experts=1, epochs=1, device="cpu")
+    lenet = train_experts(config, tmp_path / "lenet", progress=False)
+    with pytest.raises(ValueError, match="batched=True stacks ConvNets with instance norm or none; LeNet"):
+        make(lenet, train, batched=True, trajectories=2, max_start_epoch=1)
+
+
 def test_k_1_draws_as_before(store, train, recorded_plans):
     """K = 1 is the paper's outer iteration: the records hold the one expert and start epoch."""
     record = make(store, train).step()

@@ -110,10 +110,11 @@ def audited_step(d: Distiller, monkeypatch) -> HostDeviceAudit:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("trajectories, ema", [(1, None), (2, 0.9)])
-def test_an_outer_iteration_reads_the_device_once(store, train, monkeypatch, mode, trajectories, ema):
+@pytest.mark.parametrize("trajectories, ema, batched", [(1, None, False), (2, 0.9, False), (2, None, True)])
+def test_an_outer_iteration_reads_the_device_once(store, train, monkeypatch, mode, trajectories, ema, batched):
     d = Distiller(store, train, DistillConfig(ipc=2, syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=7,
-                                              mode=mode, trajectories=trajectories, ema_decay=ema, device="cpu"))
+                                              mode=mode, trajectories=trajectories, ema_decay=ema, batched=batched,
+                                              device="cpu"))
     d.step()  # a first step creates the momentum buffers; audit the second, steady one
     audit = audited_step(d, monkeypatch)
     assert audit.reads == [] and audit.mixed == []
