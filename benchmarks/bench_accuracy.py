@@ -9,6 +9,8 @@ learned alpha; the others with lr 0.01.
     python benchmarks/bench_accuracy.py --preset cpu-long --ipcs 10 --methods Random Herding MTT \
         --out benchmarks/accuracy_cpu_long.json   # 30-epoch experts, 600 iterations at IPC 10
     python benchmarks/bench_accuracy.py --preset full    # the paper-sized ConvNet (GPU)
+    python benchmarks/bench_accuracy.py --ipcs 10 --methods MTT --iterations 300 --trajectories 2 \
+        --out benchmarks/accuracy_k2.json   # K = 2 unrolls per iteration, 150 iterations: the same 300 unrolls
 
 Prints a markdown table and writes it, with the configs, to ``--out`` (JSON).
 """
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--iterations", type=int, help="MTT iterations at every IPC (default: the preset's)")
+    parser.add_argument("--trajectories", type=int, default=1,
+                        help="MTT's K; the iterations are divided by K, so the student unrolls stay the same")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default="runs/bench_accuracy", help="experts are cached here")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
@@ -100,7 +104,8 @@ def main() -> None:
         if "MTT" in args.methods:
             config = distill_configs[ipc]
             config.device = str(train.device)
-            config.iterations = args.iterations or config.iterations
+            config.trajectories = args.trajectories
+            config.iterations = (args.iterations or config.iterations) // args.trajectories
             distiller = Distiller(store, train, config)
             for _ in tqdm(distiller.steps(), total=config.iterations, desc=f"MTT IPC {ipc}"):
                 pass

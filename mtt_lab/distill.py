@@ -13,6 +13,8 @@ With ``trajectories = K > 1`` steps 1-4 run for K students, each from its own ex
 epoch, and the update uses the mean of their K gradients. Under ``torchrun`` the K unrolls are
 split across the processes (``mtt_lab.distributed``): each sums its own, one ``all_reduce`` adds
 the sums up, and every process applies the same update.
+``batched=True`` runs a process's K students as one stacked ConvNet (``Functional.stacked``,
+convolutions with groups = K) instead of a loop: the same gradient, a different speed.
 
 Three ways to get the gradient of step 4 (``DistillConfig.mode``):
 

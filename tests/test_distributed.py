@@ -143,6 +143,16 @@ def test_cli_refuses_bad_k_on_every_rank(store, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_nccl_without_a_gpu_fails_every_rank_before_work(tmp_path):
+    result = torchrun("-m", "mtt_lab.cli", "experts", *TINY_EXPERTS, "--backend", "nccl", "--out", str(tmp_path / "s"),
+                      timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count("mtt-lab experts: error: rank 0: backend 'nccl' needs a CUDA GPU on every rank") == 2
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
 def test_cli_distill_under_torchrun_resumes_and_matches_one_process(store, tmp_path):
     def args(out, iterations, *extra):
         return ["distill", "--experts", str(store.path), "--out", str(out), "--trajectories", "2", "--syn-steps", "3",
