@@ -109,8 +109,9 @@ class RunFolder:
         self._same_run(CHECKPOINT, checkpoint["run_id"], run_id)
         return checkpoint["state"]
 
-    def read_log(self) -> list[dict]:
-        """The log's records, iterations 1, 2, ... in order. A half-written last line is an error too."""
+    def read_log(self, min_records: int = 0) -> list[dict]:
+        """The log's records, iterations 1, 2, ... in order (at least ``min_records``, e.g. the
+        checkpoint's iteration). A half-written last line is an error too."""
         expected = "one JSON record per line, iterations 1, 2, 3, ... (log.jsonl of `mtt-lab distill`)"
         todo = "resume the run with --resume (the log is rewritten up to the checkpoint) or distil again"
         path = self.file(LOG)
@@ -125,6 +126,8 @@ class RunFolder:
             if not isinstance(row, dict) or row.get("iteration") != number:
                 raise bad_file(path, expected, f"line {number} is {describe(row)}, not iteration {number}", todo)
             rows.append(row)
+        if len(rows) < min_records:
+            raise bad_file(path, f"at least {min_records} records (the checkpoint's iteration)", f"{len(rows)}", todo)
         return rows
 
     def read_synthetic_set(self) -> SyntheticSet:
@@ -166,7 +169,7 @@ class RunFolder:
             lines.append(f"run folder {self.path}: experts {config['experts']} "
                          f"({_store_summary(config['store'])}), IPC {d['ipc']}, N = {d['syn_steps']}, "
                          f"M = {d['expert_epochs']}, {d['iterations']} iterations, mode {d['mode']}")
-        log = attempt(self.read_log) or []
+        log = attempt(self.read_log)
         if log:
             lines.append(f"  {len(log)} iterations logged; last loss {log[-1]['loss']:.4f}, alpha "
                          f"{log[-1]['syn_lr']:.5f}")
@@ -179,12 +182,12 @@ class RunFolder:
                 attempt(lambda: self._same_run(IMAGES, images.get("run_id"), run_id))
         if state is not None:
             total = state["config"]["iterations"]
-            if len(log) < state["iteration"]:
+            if log is not None and len(log) < state["iteration"]:
                 problems.append(f"{self.file(LOG)}: holds {len(log)} records but the checkpoint is at iteration "
                                 f"{state['iteration']}; resume the run with --resume")
             if not isinstance(images, dict):
-                problems.append(f"{self.path}: unfinished run, checkpoint at iteration {state['iteration']} of "
-                                f"{total} and no {IMAGES}; continue it with `mtt-lab distill --resume`")
+                problems.append(f"{self.file(IMAGES)}: missing, the run is unfinished (checkpoint at iteration "
+                                f"{state['iteration']} of {total}); continue it with `mtt-lab distill --resume`")
             elif images.get("iteration") != state["iteration"]:
                 problems.append(f"{self.file(IMAGES)}: from iteration {images.get('iteration')} but the checkpoint is "
                                 f"at iteration {state['iteration']} (an extension was interrupted); continue it with "
@@ -257,10 +260,7 @@ def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConf
                             f"this store and dataset give {list(distiller.images.shape)}; pass the store the run "
                             f"was made with")
         run_id = recorded["run_id"]
-        log = folder.read_log()
-        if len(log) < state["iteration"]:
-            raise bad_file(folder.file(LOG), f"at least {state['iteration']} records (the checkpoint's iteration)",
-                           f"{len(log)}", "distil again into a new folder")
+        log = folder.read_log(min_records=state["iteration"])
     elif not folder.is_empty() and not overwrite:
         what = "another run" if folder.is_run_folder() else "other files"
         raise FileError(f"{folder.path} is not empty: it holds {what}; continue that run with --resume, replace "
@@ -284,8 +284,8 @@ def _json_line(row: dict) -> str:
 
 def _run(folder: RunFolder, run_id: str, distiller: Distiller, checkpoint_every: int, progress: bool) -> None:
     total = distiller.config.iterations
-    bar = tqdm(total=total, initial=distiller.iteration, desc="distill", disable=not progress)
-    with LineLog(folder.file(LOG)) as log:
+    with tqdm(total=total, initial=distiller.iteration, desc="distill", disable=not progress) as bar, \
+            LineLog(folder.file(LOG)) as log:
         for record in distiller.steps():
             log.append([record.as_dict()])
             bar.update(1)
@@ -293,7 +293,6 @@ def _run(folder: RunFolder, run_id: str, distiller: Distiller, checkpoint_every:
                             pixels=f"{record.pixel_min:.1f}..{record.pixel_max:.1f}")
             if record.iteration % checkpoint_every == 0 or record.iteration == total:
                 folder.save_checkpoint(run_id, distiller)
-    bar.close()
     folder.save_synthetic_set(run_id, distiller)
 
 
