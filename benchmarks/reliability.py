@@ -51,7 +51,8 @@ def run(argv, tmp, env=None) -> tuple[int, str]:
     done = subprocess.run([*MTT, *argv], capture_output=True, text=True, env={**os.environ, **(env or {})})
     errors = [line for line in done.stderr.replace("\r", "\n").splitlines() if "error:" in line or
               line.startswith("BAD")]  # not the progress bars
-    text = errors[0] if errors else done.stdout.strip().splitlines()[0]
+    out = done.stdout.strip().splitlines()
+    text = errors[0] if errors else next((line for line in out if "trajectory store" in line), out[0])
     return done.returncode, text.replace(str(tmp), "…")
 
 
