@@ -23,9 +23,8 @@ lists what any rank finished, then trains the rest: the store ends as one proces
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,14 +36,16 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .augment import default_strategy
 from .data import load_splits
+from .files import LOCK_NAME, FileError, FolderLock, atomic_write_json, bad_file, describe, read_json, read_torch, \
+    require_keys, save_torch
 from .models import Functional, get_model
-from .train import accuracy, resolve_device, train_epoch
+from .train import accuracy, check_rate, resolve_device, train_epoch
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class TrajectoryStoreError(RuntimeError):
+class TrajectoryStoreError(FileError):
     """A trajectory store is missing, corrupt, or does not match what was asked for."""
 
 
@@ -73,28 +74,9 @@ class ExpertConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+        check_rate("lr", self.lr)
+        check_rate("momentum", self.momentum, zero_ok=True)
+        check_rate("weight_decay", self.weight_decay, zero_ok=True)
 
 
 def model_spec(config: ExpertConfig, channels: int, num_classes: int, image_size: int) -> dict:
@@ -116,14 +98,19 @@ class TrajectoryStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        manifest = self.path / MANIFEST
-        if not manifest.is_file():
-            raise TrajectoryStoreError(f"no trajectory store at {str(self.path)!r}: {MANIFEST} is missing")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-            self.manifest["experts"], self.manifest["model"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise TrajectoryStoreError(f"{manifest} is not a valid trajectory manifest ({exc})") from exc
+        todo = (f"check the path, or train experts into it with `mtt-lab experts --out {self.path}`"
+                if not (self.path / MANIFEST).exists() else "restore it from a copy or train the experts again")
+        expected = "a trajectory manifest (written by `mtt-lab experts`)"
+        self.manifest = read_json(self.path / MANIFEST, expected, todo)
+        require_keys(self.path / MANIFEST, self.manifest, {
+            "format": int, "model": dict, "dataset": str, "config": dict, "num_params": int, "epochs": int,
+            "experts": list}, expected, todo)
+        require_keys(self.path / MANIFEST, self.manifest["model"], {
+            "name": str, "channels": int, "num_classes": int, "image_size": int, "kwargs": dict},
+                     "a model spec under 'model'", todo)
+        require_keys(self.path / MANIFEST, self.manifest["config"], {"zca": bool}, "a config with 'zca'", todo)
+        for entry in self.manifest["experts"]:
+            require_keys(self.path / MANIFEST, entry, {"file": str}, "expert entries naming their 'file'", todo)
 
     @classmethod
     def create(cls, path, spec: dict, config: ExpertConfig, num_params: int) -> TrajectoryStore:
@@ -183,15 +170,19 @@ class TrajectoryStore:
         if not -len(self) <= i < len(self):
             raise IndexError(f"expert {i} out of range: {self.path} holds {len(self)} experts")
         file = self.path / self.manifest["experts"][i]["file"]
-        try:
-            trajectory = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
-        except Exception as exc:
-            raise TrajectoryStoreError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
-        expected = (self.epochs + 1, self.num_params)
-        if not isinstance(trajectory, Tensor) or tuple(trajectory.shape) != expected:
-            got = list(trajectory.shape) if isinstance(trajectory, Tensor) else type(trajectory).__name__
-            raise TrajectoryStoreError(f"{file} holds {got}, expected a tensor of shape {list(expected)}")
+        shape = [self.epochs + 1, self.num_params]
+        expected = f"expert {i}'s trajectory, a float32 tensor of shape {shape}"
+        todo = f"delete {file.name} and its manifest entry and rerun `mtt-lab experts` to retrain it"
+        trajectory = read_torch(file, expected, todo, mmap=True)
+        if not isinstance(trajectory, Tensor) or list(trajectory.shape) != shape or trajectory.dtype != torch.float32:
+            raise bad_file(file, expected, describe(trajectory), todo)
         return trajectory
+
+    def check_files(self) -> None:
+        """Open every expert file (header, shape and dtype; the values stay on disk): raise the first
+        problem as a :class:`~mtt_lab.files.FileError`. Cheap: the files are memory-mapped."""
+        for i in range(len(self)):
+            self[i]
 
     def check_compatible(self, model_spec: dict | None = None, dataset: str | None = None) -> None:
         """Raise if the store was written for another architecture or dataset."""
@@ -207,7 +198,7 @@ class TrajectoryStore:
             try:
                 if not torch.isfinite(self[i]).all():
                     problems.append(f"{self.path / self.metrics(i)['file']}: holds non-finite values")
-            except TrajectoryStoreError as exc:
+            except FileError as exc:
                 problems.append(str(exc))
         return problems
 
@@ -223,14 +214,15 @@ class TrajectoryStore:
         """Write expert i's ``[E + 1, P]`` trajectory, then its metrics, each atomically (any rank)."""
         name = f"expert_{i:03d}.pt"
         data = trajectory.detach().to("cpu", torch.float32).contiguous()
-        atomic_write_bytes(self.path / name, lambda f: torch.save(data, f))
+        save_torch(self.path / name, data)
         atomic_write_json(self._metrics_file(i), {"file": name, **metrics})
 
     def collect(self) -> None:
         """List every written expert that follows the listed ones, in order, in one manifest write."""
         new = []
         while self._metrics_file(len(self) + len(new)).is_file():
-            new.append(json.loads(self._metrics_file(len(self) + len(new)).read_text()))
+            new.append(read_json(self._metrics_file(len(self) + len(new)), "an expert's metrics",
+                                 "delete it and its expert file and rerun `mtt-lab experts`"))
         if not new:
             return
         first = len(self)
@@ -262,13 +254,38 @@ def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool =
     device = resolve_device(config.device)
     train, test = load_splits(config.dataset, zca=config.zca, device=device)
     spec = model_spec(config, train.channels, train.num_classes, train.image_size)
-    probe = build_model(spec)
-    # rank 0 creates (or checks and reopens) the store and lists what a killed run finished; then
-    # every rank opens it. Either step failing on any rank fails on all of them.
-    ctx.agree(lambda: ctx.is_main and TrajectoryStore.create(out, spec, config, Functional(probe).num_params).collect())
-    store = ctx.agree(TrajectoryStore, out)
-    strategy = default_strategy(config.dataset) if config.dsa else ""
+    num_params = Functional(build_model(spec)).num_params
+    out = Path(out)
+    with contextlib.ExitStack() as held:
+        def open_as_main() -> None:
+            """Rank 0: check the folder, lock it for the whole job (one writer per store: this job's
+            ranks write their own experts' files), create or reopen the store, list what a killed
+            run finished."""
+            if not ctx.is_main:
+                return
+            if out.is_dir() and not (out / MANIFEST).exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
+                raise TrajectoryStoreError(f"{out} is not empty and holds no trajectory store ({MANIFEST}); "
+                                           f"choose a new or empty folder for the experts")
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(FolderLock(out, "trajectory store"))  # the manifest is re-read under the lock
+            TrajectoryStore.create(out, spec, config, num_params).collect()
 
+        # either step failing on any rank fails on all of them
+        ctx.agree(open_as_main)
+        store = ctx.agree(TrajectoryStore, out)
+        _train_missing(store, config, spec, train, test, device, progress, ctx)
+        # every rank's files are complete: rank 0 lists them (one atomic manifest write)
+        ctx.barrier()
+        if ctx.is_main:
+            store.collect()
+        ctx.barrier()
+    return TrajectoryStore(out)
+
+
+def _train_missing(store: TrajectoryStore, config: ExpertConfig, spec: dict, train, test, device, progress,
+                   ctx: distributed.Context):
+    """Train this rank's experts (i = rank mod world) that ``store`` does not hold yet."""
+    strategy = default_strategy(config.dataset) if config.dsa else ""
     todo = [i for i in ctx.shard(config.num_experts) if not store.finished(i)]
     share = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.active else ""
     for i in tqdm(todo, desc="experts" + share, disable=not progress or not ctx.is_main):
@@ -293,9 +310,3 @@ def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool =
                                                       "seconds": round(time.perf_counter() - start, 2)})
         if not ctx.active:
             store.collect()  # one process lists each expert as soon as it is written
-    # every rank's files are complete: rank 0 lists them (one atomic manifest write)
-    ctx.barrier()
-    if ctx.is_main:
-        store.collect()
-    ctx.barrier()
-    return TrajectoryStore(out)

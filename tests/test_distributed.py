@@ -129,7 +129,7 @@ def test_a_rank_that_cannot_see_the_store_fails_every_rank(store):
     result = torchrun("distributed_worker.py", "unseen-store", str(store.path), timeout=60)
     assert result.returncode != 0
     # both ranks raise the same one-line error, naming the rank that failed and the path
-    assert result.stderr.count(f"TrajectoryStoreError: rank 1: no trajectory store at '{store.path}-not-here'") == 2
+    assert result.stderr.count(f"FileError: rank 1: {store.path}-not-here/manifest.json: expected a trajectory manifest") == 2
 
 
 def test_cli_refuses_bad_k_on_every_rank(store, tmp_path):
