@@ -281,7 +281,7 @@ class DistillDashboard:
                 self._apply_pending()
             finally:
                 self._busy.release()
-            self._refresh_status()
+            self._refresh(force=True)  # the status line and the change mark
         else:
             self._say("New settings apply from the next step.")
 
