@@ -118,6 +118,67 @@ def test_notebooks_01_to_03_have_exercises():
         assert exercises(NOTEBOOKS_DIR / f"{stem}.ipynb"), f"{stem} has no run_exercise(...) call"
 
 
+# -- (e) maths typeset as LaTeX, figure text that plotly renders ----------------------------------------
+
+MATH_OR_CODE = re.compile(r"```.*?```|`[^`]*`|\$\$.*?\$\$|\$[^$\n]+\$|<[^>\n]+>", re.S)
+NOTATION_CHARS = re.compile("[θαηλρℓ∇∂‖ₜₘₙₑ₀₁₂₊₋ⱼ²³⁺⁻̂̃ỹ]")  # notation written in Unicode instead of LaTeX
+INTRAWORD_STAR = re.compile(r"""(?<=[^\s*(\[])\*(?=[^\s*.,;:!?)\]'"])""")  # θ*_t: Markdown reads it as emphasis
+SUB_OR_SUP = re.compile(r"(?<=[\w)}])[_^](?=[\w{(])")  # θ_N, x^2 outside $...$
+FIGURE_TEXT_ARGS = re.compile(r"(title|name|text|annotation_text|subplot_titles)$")
+RAW_TEX = re.compile(r"[_^]\{|[^\W\d_][_^]\w|\\[A-Za-z]+|\|\|")  # η_i, θ*_{t+M}, \theta, ||x|| in a figure
+
+
+def notation_problems(markdown: str) -> list[str]:
+    """What would reach the reader garbled: notation outside ``$...$`` or ``$$...$$``, odd dollar signs."""
+    prose = MATH_OR_CODE.sub(" ", markdown)
+    problems = []
+    if prose.count("$") - prose.count("\\$"):
+        problems.append("an unmatched $")
+    for pattern, what in [(NOTATION_CHARS, "Unicode notation (write it as LaTeX)"),
+                          (INTRAWORD_STAR, "a * inside a word (read as emphasis)"),
+                          (SUB_OR_SUP, "a sub- or superscript outside $...$")]:
+        for m in pattern.finditer(prose):
+            problems.append(f"{what}: ...{prose[max(0, m.start() - 25): m.end() + 25]!r}...")
+    return problems
+
+
+def test_the_notation_check_catches_what_the_reader_would_see_garbled():
+    assert notation_problems("start at θ*ₜ, aim at θ*ₜ₊ₘ")  # Unicode and emphasis stars
+    assert notation_problems("the distance ||theta_N - theta*_t||")
+    assert notation_problems("costs $5 more")  # an unmatched dollar would swallow the text after it
+    assert not notation_problems("**Goal.** Start at $\\theta^*_t$, *then* call `fit_pca(store)`:\n"
+                                 "$$L = \\frac{\\|a\\|^2}{\\|b\\|^2}$$ (*Dataset Distillation*, 2018).")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_maths_in_markdown_is_latex(path):
+    problems = [f"cell {i}: {problem}" for i, cell in enumerate(read(path).cells) if cell.cell_type == "markdown"
+                for problem in notation_problems(cell.source)]
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def figure_strings(source: str) -> list[str]:
+    """The string pieces passed as title= / name= / text= ... in a code cell (what figures show)."""
+    body = "async def _cell():\n" + "".join(f"    {line}\n" for line in source.splitlines() or ["pass"])
+    strings = []
+    for node in ast.walk(ast.parse(body)):
+        if isinstance(node, ast.keyword) and node.arg and FIGURE_TEXT_ARGS.search(node.arg):
+            strings += [c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    return strings
+
+
+def test_the_figure_text_check_can_fail():
+    assert [s for s in figure_strings('fig.update_layout(title=f"steps η_i of {n}")') if RAW_TEX.search(s)]
+    assert not [s for s in figure_strings('go.Bar(name="η<sub>i</sub>", x=xs)') if RAW_TEX.search(s)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_figure_titles_and_legends_hold_no_raw_tex(path):
+    cells = [c for c in code_cells(read(path)) if not c.source.lstrip().startswith(("%", "!"))]
+    bad = [s for cell in cells for s in figure_strings(cell.source) if RAW_TEX.search(s)]
+    assert not bad, f"{path.name}: figure text that plotly shows literally (use Unicode or <sub>/<sup>): {bad}"
+
+
 # -- (b) every notebook runs top to bottom --------------------------------------------------------------
 
 
