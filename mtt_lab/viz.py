@@ -377,7 +377,7 @@ def curves_figure(records: Sequence[StepRecord | Mapping] = (), window: int = 10
     shapes, notes = change_marks(changes)
     fig.update_xaxes(title_text="iteration", row=2, col=1)
     fig.update_layout(height=420, showlegend=True, legend=dict(orientation="h", x=0, y=-0.18),
-                      margin=dict(l=10, r=10, t=30, b=10), shapes=shapes,
+                      margin=dict(l=10, r=20, t=50, b=10), shapes=shapes,
                       annotations=list(fig.layout.annotations) + notes)
     return fig
 

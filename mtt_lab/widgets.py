@@ -97,7 +97,7 @@ class DistillDashboard:
         self.error_box = widgets.HTML()
         self.image = widgets.Image(format="png")
         self.curves = go.FigureWidget(curves_figure(window=window))
-        self.curves.update_layout(width=560, height=440)
+        self.curves.update_layout(width=520, height=460)
         self._titles = tuple(self.curves.layout.annotations)  # the subplot titles; change marks come after
         for w, name in [(self.status, "status"), (self.image, "grid"), (self.n_slider, "n-slider"),
                         (self.m_slider, "m-slider"), (self.t_slider, "t-slider"), (self.message, "message"),

@@ -50,7 +50,7 @@ torch.set_num_threads(1)
 tiny = ExpertConfig(model_kwargs={"width": 8, "depth": 2}, num_experts=2, epochs=3, device="cpu")
 store = train_experts(tiny, os.environ["MTT_SMOKE_EXPERTS"], progress=False)
 train = load_dataset("mnist10k", "train")
-distiller = Distiller(store, train, DistillConfig(ipc=2, syn_steps=2, expert_epochs=1, max_start_epoch=2,
+distiller = Distiller(store, train, DistillConfig(ipc=1, syn_steps=2, expert_epochs=1, max_start_epoch=2,
                                                   device="cpu", iterations=100_000))""",
     """\
 dash = DistillDashboard(distiller)
