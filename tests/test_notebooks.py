@@ -266,6 +266,45 @@ def test_figure_titles_and_legends_hold_no_raw_tex(path):
     assert not bad, f"{path.name}: figure text that plotly shows literally (use Unicode or <sub>/<sup>): {bad}"
 
 
+# -- (f) prose that teaches: predict first, a ladder of exercises, key ideas at the end -----------------------
+
+# the key results, each with the code that produces it: a Predict prompt must come before that cell
+KEY_RESULTS = {
+    "02_trajectory_pca": ["trajectory_figure(store, pca, dims=2)"],
+    "05_n_m_and_t_plus": ["sweep_loss = torch.zeros", "long_range = {}"],
+    "06_from_dd_to_mtt": ["def dd_replay(", "accuracy_bars(protocol"],
+}
+PREDICT = re.compile(r"\*\*Predict, then run\.\*\*.*?<details><summary>.*?</summary>.+?</details>", re.S)
+
+
+def predict_cells(nb) -> list[int]:
+    return [i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown" and PREDICT.search(cell.source)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_predict_prompts_come_before_the_key_results(path):
+    nb = read(path)
+    prompts = predict_cells(nb)
+    assert prompts, f"{path.name}: no 'Predict, then run' prompt with a folded <details> answer"
+    for snippet in KEY_RESULTS.get(path.stem, []):
+        result = next(i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and snippet in cell.source)
+        previous_code = max([i for i, cell in enumerate(nb.cells[:result]) if cell.cell_type == "code"], default=-1)
+        assert any(previous_code < i < result for i in prompts), \
+            f"{path.name}: no Predict prompt between cell {previous_code} and the result in cell {result} ({snippet!r})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_an_exercise_ladder_and_a_key_ideas_box_close_the_notebook(path):
+    markdown = [cell.source for cell in read(path).cells if cell.cell_type == "markdown"]
+    ladder = [s for s in markdown if s.startswith("### Exercise ladder")]
+    assert len(ladder) == 1, f"{path.name}: expected one exercise ladder"
+    for rung in ("1. **Mechanical.**", "2. **Apply.**", "3. **Conceptual.**", "<details>"):
+        assert rung in ladder[0], f"{path.name}: the ladder lacks {rung!r}"
+    tail = [s for s in markdown[-2:] if s.startswith("> **Key ideas**")]
+    assert tail, f"{path.name}: the last cells (before References) should hold a '> **Key ideas**' box"
+    assert tail[0].count("\n> * ") >= 3, f"{path.name}: a key-ideas box with at least three ideas"
+
+
 # -- (b) every notebook runs top to bottom --------------------------------------------------------------
 
 
