@@ -408,3 +408,63 @@ def sweep_heatmap(values, Ns: Sequence[int], Ms: Sequence[int], title: str | Non
                                texttemplate="%{z:.3g}", hovertemplate="N = %{y}, M = %{x}: %{z}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="M (expert epochs)", yaxis_title="N (student steps)", height=380)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The method as a picture
+
+
+def mtt_iteration_figure(syn_steps: int = 10, expert_epochs: int = 2, max_start_epoch: int = 3, epochs: int = 4,
+                         start_epoch: int = 1) -> go.Figure:
+    """A diagram of one MTT iteration, drawn for the given N, M, T+, E and start epoch t.
+
+    A schematic, not data: the expert's path θ*_0 … θ*_E with steps that shrink as training goes
+    on, the start epochs t < T+ that may be drawn, the student's N steps from θ*_t, the target
+    θ*_{t+M}, and the two distances whose ratio is the loss. The arguments are checked the way
+    :meth:`DistillConfig.validate` checks them, so the picture cannot show an impossible setting.
+    """
+    if not (syn_steps >= 1 and expert_epochs >= 1 and 0 <= start_epoch < max_start_epoch
+            and max_start_epoch - 1 + expert_epochs <= epochs):
+        raise ValueError(f"need N, M >= 1, 0 <= t < T+ and T+ - 1 + M <= E; got N = {syn_steps}, M = {expert_epochs}, "
+                         f"t = {start_epoch}, T+ = {max_start_epoch}, E = {epochs}")
+    # the expert: arc length s_e = sum of steps 0.75^k (shrinking, like real experts), on a gentle curve
+    s = np.concatenate([[0.0], np.cumsum(0.75 ** np.arange(epochs))])
+    expert = np.stack([s, 0.45 * np.sin(1.3 * s)], axis=1)
+    start, target = expert[start_epoch], expert[start_epoch + expert_epochs]
+    # the student: N steps toward the target that stop short of it and stray off the path
+    chord = target - start
+    normal = np.array([-chord[1], chord[0]]) / max(np.linalg.norm(chord), 1e-9)
+    f = np.arange(syn_steps + 1) / syn_steps
+    student = start + 0.7 * f[:, None] * chord + 0.25 * np.linalg.norm(chord) * (f * (1.4 - f))[:, None] * normal
+    end = student[-1]
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=expert[:, 0], y=expert[:, 1], mode="lines+markers+text", name="expert θ*<sub>0</sub> … θ*<sub>E</sub>",
+                             line=dict(color=expert_colour(0), width=3), marker=dict(size=9, color=expert_colour(0)),
+                             text=[f"θ*<sub>{e}</sub>" for e in range(epochs + 1)], textposition="bottom center",
+                             hoverinfo="skip"))
+    starts = expert[:max_start_epoch]
+    fig.add_trace(go.Scatter(x=starts[:, 0], y=starts[:, 1], mode="markers", name=f"possible starts t < T+ = {max_start_epoch}",
+                             marker=dict(size=22, color="rgba(99,110,250,0.3)", line=dict(width=0)), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=student[:, 0], y=student[:, 1], mode="lines+markers", name=f"student: N = {syn_steps} steps of size α",
+                             line=dict(color=STUDENT_COLOUR, dash="dot"), marker=dict(size=5, color=STUDENT_COLOUR),
+                             hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[start[0]], y=[start[1]], mode="markers", name=f"start θ*<sub>t</sub> (t = {start_epoch})",
+                             marker=dict(size=16, symbol="circle-open", color=STUDENT_COLOUR, line=dict(width=3)),
+                             hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[target[0]], y=[target[1]], mode="markers", name=f"target θ*<sub>t+M</sub> (M = {expert_epochs})",
+                             marker=dict(size=14, symbol="diamond", color="crimson"), hoverinfo="skip"))
+    for a, b, colour, text, shift in [(end, target, "crimson", "‖θ̂<sub>N</sub> − θ*<sub>t+M</sub>‖²: numerator", 0),
+                                      (start, target, "gray", "‖θ*<sub>t</sub> − θ*<sub>t+M</sub>‖²: denominator", -18)]:
+        fig.add_trace(go.Scatter(x=[a[0], b[0]], y=[a[1], b[1]], mode="lines", showlegend=False, hoverinfo="skip",
+                                 line=dict(color=colour, dash="dash", width=1.5)))
+        fig.add_annotation(x=(a[0] + b[0]) / 2, y=(a[1] + b[1]) / 2, text=text, showarrow=False, yshift=shift,
+                           xshift=0 if shift else 18, xanchor="center" if shift else "left", font=dict(size=12, color=colour))
+    fig.add_annotation(x=end[0], y=end[1], text="θ̂<sub>N</sub>", showarrow=True, arrowhead=0, ax=0, ay=-30)
+    fig.update_layout(
+        title=dict(text="One MTT iteration: loss = ‖θ̂<sub>N</sub> − θ*<sub>t+M</sub>‖² / ‖θ*<sub>t</sub> − θ*<sub>t+M</sub>‖²,"
+                   " backpropagated through the N steps into the pixels and α", font=dict(size=14)),
+        height=440, width=900, margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white",
+        legend=dict(orientation="h", x=0, y=-0.02, yanchor="top"),
+        xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor="x"))
+    return fig

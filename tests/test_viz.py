@@ -21,7 +21,8 @@ from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.viz import (
-    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, project_record,
+    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, mtt_iteration_figure,
+    project_record,
     project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
 )
 
@@ -281,3 +282,17 @@ def test_sweep_heatmap():
     assert list(heat.y) == ["10", "20", "40"] and list(heat.x) == ["1", "2"]
     with pytest.raises(ValueError, match="expected"):
         sweep_heatmap(values, Ns=[10, 20], Ms=[1, 2])
+
+
+def test_mtt_iteration_figure_draws_the_settings_it_is_given():
+    fig = mtt_iteration_figure(syn_steps=7, expert_epochs=2, max_start_epoch=3, epochs=5, start_epoch=1)
+    expert, starts, student, start, target = fig.data[:5]
+    assert len(expert.x) == 6 and len(starts.x) == 3 and len(student.x) == 7 + 1
+    assert (start.x[0], start.y[0]) == (expert.x[1], expert.y[1]) == (student.x[0], student.y[0])
+    assert (target.x[0], target.y[0]) == (expert.x[3], expert.y[3])  # theta*_{t+M}
+    steps = np.hypot(np.diff(expert.x), np.diff(expert.y))
+    assert (np.diff(steps) < 0).all()  # the expert's steps shrink, as real ones do
+    assert "N = 7" in student.name and "M = 2" in target.name and "T+ = 3" in starts.name
+    with pytest.raises(ValueError, match="T\\+ - 1 \\+ M <= E"):
+        mtt_iteration_figure(syn_steps=5, expert_epochs=3, max_start_epoch=3, epochs=4)
+    assert not [t for t in figure_texts(fig) if RAW_TEX.search(t)]
