@@ -240,6 +240,8 @@ def trajectory_traces(coords: Tensor, test_acc: Sequence[Sequence[float]], dims:
                       experts: Iterable[int] | None = None, epochs: Sequence[int] | None = None) -> list:
     """One line per expert through its snapshots, a marker per epoch (bigger as training goes on).
 
+    The first and last epoch drawn are labelled ("epoch 0", "epoch E"), so the direction of training reads at once.
+
     coords ``[experts, E + 1, k]`` (:func:`project_store`); test_acc: per expert, ``E + 1`` accuracies.
     """
     experts = range(len(coords)) if experts is None else experts
@@ -247,8 +249,10 @@ def trajectory_traces(coords: Tensor, test_acc: Sequence[Sequence[float]], dims:
     traces = []
     for i in experts:
         accuracy = [100 * test_acc[i][e] for e in epochs]
+        ends = [f"epoch {e}" if j in (0, len(epochs) - 1) else "" for j, e in enumerate(epochs)]
         traces.append(_scatter(
-            coords[i, epochs], dims, mode="lines+markers", name=f"expert {i}", legendgroup=f"expert {i}",
+            coords[i, epochs], dims, mode="lines+markers+text", name=f"expert {i}", legendgroup=f"expert {i}",
+            text=ends, textposition="top center", textfont=dict(color=expert_colour(i), size=11),
             line=dict(color=expert_colour(i)),
             marker=dict(color=expert_colour(i), size=[4 + 8 * e / max(max(epochs), 1) for e in epochs]),
             customdata=list(zip(epochs, accuracy)),

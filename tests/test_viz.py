@@ -22,8 +22,7 @@ from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.viz import (
     accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, mtt_iteration_figure,
-    project_record,
-    project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
+    project_record, project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
 )
 
 TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
@@ -296,3 +295,8 @@ def test_mtt_iteration_figure_draws_the_settings_it_is_given():
     with pytest.raises(ValueError, match="T\\+ - 1 \\+ M <= E"):
         mtt_iteration_figure(syn_steps=5, expert_epochs=3, max_start_epoch=3, epochs=4)
     assert not [t for t in figure_texts(fig) if RAW_TEX.search(t)]
+
+
+def test_trajectories_label_their_first_and_last_epoch(tiny_store):
+    fig = trajectory_figure(tiny_store, fit_pca(tiny_store), epochs=[1, 2, 3])
+    assert list(fig.data[0].text) == ["epoch 1", "", "epoch 3"]
