@@ -1,94 +1,34 @@
 """The ``mtt-lab`` command: experts, info, distill, evaluate, quickstart, kd, dlb.
 
-A *run folder* (written by ``mtt-lab distill``) holds::
-
-    config.json      the DistillConfig and the expert store it used
-    checkpoint.pt    Distiller.state_dict(), rewritten atomically every --checkpoint-every iterations
-    log.jsonl        one StepRecord per line
-    images.pt        {"images", "labels", "syn_lr", "dataset"}: the distilled set
-    grid.png         the distilled images, one row per class
-    eval.json        written by ``mtt-lab evaluate``
+It only parses, calls the library and prints: run folders are ``mtt_lab.runs``, stores
+``mtt_lab.experts``. Every failure the user can fix (a bad value, a bad or missing file, a full
+disk, a diverged run, a locked folder) is printed as one line and exits with status 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .cpu_memory import keep_freed_memory
-from .data import DATASETS, ImageDataset, load_splits
-from .distill import MODES, DistillConfig, Distiller
+from .data import DATASETS, DatasetUnavailable, ImageDataset, load_splits
+from .distill import MODES, DistillConfig, DivergenceError
 from .evaluate import EvalResult, evaluate_synset
-from .experts import ExpertConfig, TrajectoryStore, TrajectoryStoreError, atomic_write_bytes, atomic_write_json, \
-    train_experts
+from .experts import ExpertConfig, TrajectoryStore, train_experts
+from .files import FileError, atomic_write_json
 from .models import MODELS
+from .runs import RunFolder, distill_run
 from .train import resolve_device
 
-
-# ----------------------------------------------------------------------------------------------
-# run folders
-
-
-def save_torch(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def save_synthetic_set(run: Path, distiller: Distiller) -> None:
-    """images.pt and grid.png of a run folder."""
-    from .viz import grid_png
-
-    images = distiller.final_images().cpu()
-    save_torch(run / "images.pt", {"images": images, "labels": distiller.labels.cpu(),
-                                   "syn_lr": distiller.syn_lr, "dataset": distiller.train.name})
-    png = grid_png(images, distiller.train)
-    atomic_write_bytes(run / "grid.png", lambda f: f.write(png))
-
-
-def load_synthetic_set(run: Path) -> dict:
-    file = Path(run) / "images.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist: is {run} a finished `mtt-lab distill` run folder?")
-    return torch.load(file, weights_only=True, map_location="cpu")
-
-
-def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConfig, run: Path,
-                checkpoint_every: int = 50, resume: bool = False, progress: bool = True) -> Distiller:
-    """Distil into run folder ``run``; with ``resume`` continue from its checkpoint exactly."""
-    run.mkdir(parents=True, exist_ok=True)
-    distiller = Distiller(store, train, config)
-    log = run / "log.jsonl"
-    checkpoint = run / "checkpoint.pt"
-    if resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
-        distiller.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
-        distiller.update(iterations=config.iterations)  # a resumed run may be extended
-        # drop records written after the checkpoint: they will be recomputed identically
-        lines = log.read_text().splitlines() if log.is_file() else []
-        atomic_write_bytes(log, lambda f: f.write("".join(l + "\n" for l in lines[:distiller.iteration]).encode()))
-    else:
-        atomic_write_json(run / "config.json", {"distill": asdict(config), "experts": str(store.path)})
-        log.write_text("")
-    bar = tqdm(total=distiller.config.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
-    with log.open("a") as out:
-        for record in distiller.steps():
-            out.write(json.dumps(record.as_dict()) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.syn_lr:.4f}")
-            if record.iteration % checkpoint_every == 0 or record.iteration == distiller.config.iterations:
-                out.flush()
-                save_torch(checkpoint, distiller.state_dict())
-    bar.close()
-    save_synthetic_set(run, distiller)
-    return distiller
+# the errors a user can act on: printed as one line, exit status 2
+USER_ERRORS = (ValueError, FileError, DatasetUnavailable, DivergenceError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,30 +56,16 @@ def _print_store(store: TrajectoryStore) -> None:
 
 def cmd_info(args) -> int:
     path = Path(args.path)
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").exists():
         store = TrajectoryStore(path)
         _print_store(store)
         problems = store.validate()
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()] \
-            if (path / "log.jsonl").is_file() else []
-        print(f"run folder {path}: experts {config['experts']}, {len(log)} iterations logged")
-        if log:
-            print(f"  last loss {log[-1]['loss']:.4f}, alpha {log[-1]['syn_lr']:.5f}")
-        problems = []
-        for name in ("checkpoint.pt", "images.pt"):
-            try:
-                torch.load(path / name, weights_only=True, map_location="cpu")
-            except Exception as exc:
-                problems.append(f"{path / name}: {type(exc).__name__}: {exc}")
-        if (path / "eval.json").is_file():
-            for row in json.loads((path / "eval.json").read_text()):
-                print(f"  evaluated: {row['model']}: {100 * row['mean']:.2f} ± {100 * row['std']:.2f} %")
+    elif RunFolder(path).is_run_folder():
+        lines, problems = RunFolder(path).check()
+        print("\n".join(lines))
     else:
-        print(f"{path} is neither a trajectory store (manifest.json) nor a run folder (config.json)",
-              file=sys.stderr)
-        return 2
+        raise FileError(f"{path} is neither a trajectory store (manifest.json) nor a run folder (config.json, "
+                        f"checkpoint.pt, ...); check the path")
     for problem in problems:
         print(f"BAD: {problem}", file=sys.stderr)
     if not problems:
@@ -151,31 +77,32 @@ def _distill_config(args, **overrides) -> DistillConfig:
     fields = dict(ipc=args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
                   max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
                   lr_teacher=args.lr_teacher, batch_syn=args.batch_syn, pix_init=args.pix_init,
-                  iterations=args.iterations or DistillConfig.iterations, mode=args.mode, soft_labels=args.soft_labels,
+                  iterations=DistillConfig.iterations if args.iterations is None else args.iterations,
+                  mode=args.mode, soft_labels=args.soft_labels, pixel_limit=args.pixel_limit,
                   ema_decay=args.ema_decay, seed=args.seed, device=args.device)
     return DistillConfig(**{**fields, **overrides})
 
 
 def cmd_distill(args) -> None:
     store = TrajectoryStore(args.experts)
-    device = resolve_device(args.device)
-    train, _ = load_splits(store.dataset, zca=store.zca, device=device)
-    run = Path(args.out)
     config = _distill_config(args)
     if args.resume:  # the run's own settings; --iterations may extend it
-        config = DistillConfig(**json.loads((run / "config.json").read_text())["distill"])
-        config.iterations = args.iterations or config.iterations
-    distiller = distill_run(store, train, config, run, args.checkpoint_every, args.resume)
-    print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {run}")
+        config = DistillConfig(**RunFolder(args.out).read_config()["distill"])
+        config.iterations = config.iterations if args.iterations is None else args.iterations
+    config.validate(store.epochs)  # before the data are loaded
+    train, _ = load_splits(store.dataset, zca=store.zca, device=resolve_device(args.device))
+    distiller = distill_run(store, train, config, Path(args.out), args.checkpoint_every, args.resume, args.overwrite)
+    print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {args.out}")
 
 
 def cmd_evaluate(args) -> None:
     device = resolve_device(args.device)
     if args.run:
-        synthetic = load_synthetic_set(Path(args.run))
-        images, labels = synthetic["images"], synthetic["labels"]
-        train, test = load_splits(synthetic["dataset"], device=device)
-        lr = synthetic["syn_lr"] if args.lr is None else args.lr  # evaluation reuses the learned alpha
+        synthetic = RunFolder(args.run).read_synthetic_set()
+        images, labels = synthetic.images, synthetic.labels
+        # the test images go through the same preprocessing as the distilled ones (ZCA included)
+        train, test = load_splits(synthetic.dataset, zca=synthetic.zca, device=device)
+        lr = synthetic.syn_lr if args.lr is None else args.lr  # evaluation reuses the learned alpha
     else:
         train, test = load_splits(args.dataset, device=device)
         images, labels = _baseline_set(args.baseline, train, args.ipc, args.seed)
@@ -186,9 +113,8 @@ def cmd_evaluate(args) -> None:
                                  runs=args.runs, seed=args.seed)
         print(result)
         results.append(result)
-    rows = [{**asdict(r), "mean": r.mean, "std": r.std} for r in results]
     if args.run:
-        atomic_write_json(Path(args.run) / "eval.json", rows)
+        RunFolder(args.run).save_eval([{**asdict(r), "mean": r.mean, "std": r.std} for r in results])
 
 
 def _baseline_set(name: str, train: ImageDataset, ipc: int, seed: int):
@@ -219,7 +145,7 @@ def cmd_quickstart(args) -> None:
                            lr_lr=p.lr_lr, device=str(device))
     # the baseline: the random real images MTT starts from (the Distiller draws them with this seed)
     random_images, random_labels = train.sample_per_class(1, torch.Generator().manual_seed(config.seed))
-    distiller = distill_run(store, train, config, out / "run")
+    distiller = distill_run(store, train, config, out / "run", overwrite=True)  # the demo replaces its own run
     print(f"3/3 evaluating: {p.eval_runs} fresh ConvNets trained {p.eval_epochs} epochs on each 10-image set")
     kw = dict(test=test, model_kwargs=p.model_kwargs, epochs=p.eval_epochs, runs=p.eval_runs)
     random = evaluate_synset(random_images, random_labels, lr=0.01, **kw)
@@ -278,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtt-lab", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help):
@@ -319,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=d.mode, choices=list(MODES), help="gradient mode")
     p.add_argument("--soft-labels", action="store_true", help="TESLA soft labels from an expert")
     p.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
+    p.add_argument("--pixel-limit", type=float, default=d.pixel_limit,
+                   help="stop when a pixel leaves +-this (normalised units): the run has diverged")
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.set_defaults(func=cmd_distill)
 
     p = command("evaluate", "train fresh networks on a distilled set (or a baseline) and report test accuracy")
@@ -373,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, TrajectoryStoreError) as exc:
-        print(f"mtt-lab {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"mtt-lab {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -11,20 +11,29 @@ Datasets (``load_dataset(name, ...)``):
   8,000 / 2,000 per class with a fixed seed.
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn``: the torchvision datasets,
   downloaded on first use into ``root`` (default ``$MTT_LAB_DATA`` or ``~/.cache/mtt_lab``).
-* ``folder:PATH``: an ImageFolder tree (``PATH/<split>/<class>/*.png``, or ``PATH/<class>/*``
-  used for both splits), resized to ``image_size``.
+* ``folder:PATH``: an ImageFolder tree ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*``.
+  A tree without those two needs an explicit test split, written into the name so that it is
+  recorded with every store: ``folder:PATH?holdout=0.2`` (a stratified 20 % of every class, fixed
+  seed) or ``folder:PATH?test=OTHER`` (a named test tree). Channels and size follow the files
+  (greyscale files give 1 channel, colour files 3; the most common size is kept and others are
+  resized, with a warning that says so) unless the name asks otherwise: ``?size=32&channels=3``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import FileError
 
 DATASETS = ("mnist10k", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "folder:PATH")
 
@@ -43,8 +52,8 @@ MNIST10K_TEST_FRACTION = 0.2
 OFFLINE_HINT = "use the bundled offline dataset instead: load_dataset('mnist10k') / --dataset mnist10k"
 
 
-class DatasetUnavailable(RuntimeError):
-    """A dataset could not be found on disk nor downloaded."""
+class DatasetUnavailable(FileError):
+    """A dataset could not be found on disk nor downloaded, or its files cannot be read."""
 
 
 @dataclass
@@ -153,12 +162,13 @@ def load_dataset(
     root: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     download: bool = True,
-    image_size: int = 32,
+    image_size: int | None = None,
 ) -> ImageDataset:
     """Load one split of a dataset as an :class:`ImageDataset` on ``device``.
 
     name: one of ``DATASETS``; split: ``"train"`` or ``"test"``; root: where torchvision datasets
-    live (downloaded there when ``download``); image_size: side length for ``folder:PATH`` only.
+    live (downloaded there when ``download``); image_size: side length for ``folder:PATH`` only
+    (default: the files' own size; the same as ``?size=N`` in the name).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -166,7 +176,7 @@ def load_dataset(
     if name == "mnist10k":
         images, labels, classes = _load_mnist10k(split)
     elif name.startswith("folder:"):
-        images, labels, classes = _load_folder(Path(name[len("folder:"):]), split, image_size)
+        images, labels, classes = _load_folder(name, split, image_size)
     elif name in _TORCHVISION:
         images, labels, classes = _load_torchvision(name, split, root, download)
     else:
@@ -174,7 +184,7 @@ def load_dataset(
     if name in NORMALISATION:
         mean, std = NORMALISATION[name]
     else:  # image folders: statistics of the training split, for both splits
-        stats = images if split == "train" else _load_folder(Path(name[len("folder:"):]), "train", image_size)[0]
+        stats = images if split == "train" else _load_folder(name, "train", image_size)[0]
         mean = tuple(stats.mean(dim=(0, 2, 3)).tolist())
         std = tuple(stats.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     # x_normalised = (x - mean_c) / std_c, per channel c
@@ -257,26 +267,132 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool):
     return images.float().div(255), labels, classes
 
 
-def _load_folder(path: Path, split: str, image_size: int):
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+FOLDER_OPTIONS = {"holdout": float, "test": str, "size": int, "channels": int}
+HOLDOUT_SEED = 0
 
-    if not path.is_dir():
-        raise DatasetUnavailable(f"image folder {str(path)!r} does not exist; {OFFLINE_HINT}")
-    split_dir = path / split
-    try:  # ImageFolder raises FileNotFoundError for a tree without class folders or images
-        tree = ImageFolder(str(split_dir if split_dir.is_dir() else path))
-    except FileNotFoundError as exc:
-        raise DatasetUnavailable(f"image folder {str(path)!r} holds no images ({exc})") from exc
-    if len(tree) == 0:
-        raise DatasetUnavailable(f"image folder {str(path)!r} holds no images")
+
+def parse_folder_name(name: str) -> tuple[Path, dict]:
+    """``"folder:PATH?holdout=0.2&size=32"`` -> ``(Path("PATH"), {"holdout": 0.2, "size": 32})``."""
+    path, _, query = name[len("folder:"):].partition("?")
+    options = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in FOLDER_OPTIONS:
+            raise ValueError(f"unknown image-folder option {key!r} in {name!r}; allowed: {', '.join(FOLDER_OPTIONS)}")
+        try:
+            options[key] = FOLDER_OPTIONS[key](value)
+        except ValueError:
+            raise ValueError(f"image-folder option {key}={value!r} in {name!r} is not a {FOLDER_OPTIONS[key].__name__}"
+                             ) from None
+    if "holdout" in options and not 0 < options["holdout"] < 1:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {options['holdout']} in {name!r}")
+    if "holdout" in options and "test" in options:
+        raise ValueError(f"{name!r}: give either holdout=FRACTION or test=FOLDER, not both")
+    if options.get("channels", 1) not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {options['channels']} in {name!r}")
+    if options.get("size", 8) < 8:
+        raise ValueError(f"size must be >= 8 pixels, got {options['size']} in {name!r}")
+    return Path(path), options
+
+
+def _load_folder(name: str, split: str, image_size: int | None):
+    """One split of an image folder as ``(images [n, c, s, s] in [0, 1], labels [n], class names)``."""
+    root, options = parse_folder_name(name)
+    if image_size is not None and options.setdefault("size", image_size) != image_size:
+        raise ValueError(f"image_size={image_size} contradicts size={options['size']} in {name!r}")
+    if not root.is_dir():
+        raise DatasetUnavailable(f"image folder {str(root)!r} does not exist; check the path, or {OFFLINE_HINT}")
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    if "test" in options:
+        tree = root if split == "train" else Path(options["test"])
+    elif "holdout" in options:
+        tree = root
+    elif has_splits:
+        tree = root / split
+    else:
+        raise DatasetUnavailable(
+            f"image folder {str(root)!r} has no train/ and test/ subfolders, and its training images must not "
+            f"double as test images; name a test split: folder:{root}?holdout=0.2 (a held-out 20 % of each class, "
+            f"fixed seed) or folder:{root}?test=TEST_FOLDER")
+    files, labels, classes = _image_files(tree)
+    if "holdout" in options:
+        files, labels = _holdout(files, labels, len(classes), options["holdout"], split, root)
+    images = _decode(files, options.get("channels"), options.get("size"), f"{root} ({split})")
+    return images, torch.tensor(labels), classes
+
+
+def _image_files(tree: Path) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of ``tree/<class>/`` and their class indices (classes sorted by name)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not tree.is_dir():
+        raise DatasetUnavailable(f"image folder {str(tree)!r} does not exist; check the path")
+    classes = sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = sorted(f for f in (tree / name).rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
+        files += found
+        labels += [c] * len(found)
+    if not files:
+        raise DatasetUnavailable(f"image folder {str(tree)!r} holds no images: expected {tree}/<class>/<image> "
+                                 f"files ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return files, labels, classes
+
+
+def _holdout(files, labels, num_classes: int, fraction: float, split: str, root: Path):
+    """A stratified split: per class, a fixed-seed permutation sends the first round(fraction * n_c) to test."""
+    generator = torch.Generator().manual_seed(HOLDOUT_SEED)
+    chosen = []
+    for c in range(num_classes):
+        index = [i for i, label in enumerate(labels) if label == c]
+        order = [index[i] for i in torch.randperm(len(index), generator=generator)]
+        n_test = round(fraction * len(index))
+        if not 1 <= n_test < len(index):
+            raise DatasetUnavailable(f"image folder {str(root)!r}: class {c} has {len(index)} images, too few to "
+                                     f"hold out {fraction:g} of them for testing (need at least one of each)")
+        chosen += order[:n_test] if split == "test" else order[n_test:]
+    chosen.sort()
+    return [files[i] for i in chosen], [labels[i] for i in chosen]
+
+
+def _decode(files: list[Path], channels: int | None, size: int | None, where: str) -> Tensor:
+    """Decode every file once: ``[n, channels, size, size]`` in [0, 1]. Unless asked, channels and size
+    follow the files (1 channel if all are greyscale, else 3; the most common size), with a warning
+    for every conversion that this choice forces."""
+    from PIL import Image, UnidentifiedImageError
+
+    decoded = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                img.load()
+                decoded.append(img.copy())
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DatasetUnavailable(f"{file}: expected an image file, found a damaged or unknown file "
+                                     f"({type(exc).__name__}); remove or replace it") from exc
+    grey = [img.mode in ("1", "L", "I", "I;16", "F") for img in decoded]
+    if channels is None:  # follow the files, and say what had to be converted
+        channels = 1 if all(grey) else 3
+        if any(grey) and not all(grey):
+            warnings.warn(f"image folder {where}: {sum(grey)} greyscale images converted to RGB", stacklevel=4)
+    sizes = Counter(img.size for img in decoded)
+    if size is None:
+        (width, height), _ = sizes.most_common(1)[0]
+        if width != height:
+            raise DatasetUnavailable(f"image folder {where}: most images are {width}x{height}, not square; "
+                                     f"name a size to resize them to, e.g. ?size=32")
+        size = width
+        resized = sum(n for s, n in sizes.items() if s != (size, size))
+        if resized:
+            warnings.warn(f"image folder {where}: {resized} of {len(decoded)} images resized to {size}x{size}",
+                          stacklevel=4)
     pixels = []
-    for file, _ in tree.samples:  # decoded once, at load time
-        with Image.open(file) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            pixels.append(torch.from_numpy(np.asarray(img).copy()))
-    images = torch.stack(pixels).permute(0, 3, 1, 2).float().div(255)
-    return images, torch.tensor(tree.targets), tree.classes
+    for img in decoded:
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        array = torch.from_numpy(np.asarray(img).copy())
+        pixels.append(array.unsqueeze(-1) if channels == 1 else array)
+    return torch.stack(pixels).permute(0, 3, 1, 2).float().div(255)
 
 
 # ----------------------------------------------------------------------------------------------

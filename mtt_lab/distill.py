@@ -29,6 +29,9 @@ Deliberate deviations from the reference code, all documented here:
 * a non-finite loss or gradient skips the update (images, alpha and optimiser states untouched)
   and the record says ``skipped=True``; the reference code would write NaNs into the images.
 * mini-batches are drawn by shuffled sweeps that restart every outer iteration (as in MTT).
+* a run that diverges stops with a :class:`DivergenceError` (the iteration and the likely cause):
+  after ``max_skips`` non-finite iterations in a row, or once a pixel leaves ``+-pixel_limit``.
+  Every record carries the pixel range, so a drift is visible long before.
 
 Optional successors' tricks, all off by default: soft labels from an expert (TESLA), an
 exponential moving average of the images (FTD), and a start-epoch upper bound that grows during
@@ -38,6 +41,7 @@ the run (DATM's window).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -50,7 +54,7 @@ from .augment import default_strategy, dsa, parse_strategy, seeded_generator
 from .data import ImageDataset
 from .experts import TrajectoryStore, TrajectoryStoreError
 from .models import Functional
-from .train import resolve_device
+from .train import check_rate, resolve_device
 
 MODES = ("exact", "checkpoint", "constant")
 ALPHA_MIN = 1e-6
@@ -82,6 +86,10 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    # divergence: stop after this many consecutive non-finite iterations, or once a pixel leaves
+    # [-pixel_limit, pixel_limit] (normalised units; real images lie within about +-3)
+    max_skips: int = 5
+    pixel_limit: float = 1000.0
 
     def validate(self, epochs: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad value; ``epochs`` = E of the experts."""
@@ -92,21 +100,26 @@ class DistillConfig:
             (self.min_start_epoch >= 0, f"min_start_epoch must be >= 0, got {self.min_start_epoch}"),
             (self.max_start_epoch > self.min_start_epoch,
              f"max_start_epoch (T+) must be > min_start_epoch={self.min_start_epoch}, got {self.max_start_epoch}"),
-            (self.lr_img > 0 and self.lr_lr >= 0 and self.lr_teacher > 0,
-             f"need lr_img > 0, lr_lr >= 0, lr_teacher > 0; got {self.lr_img}, {self.lr_lr}, {self.lr_teacher}"),
             (self.batch_syn is None or self.batch_syn >= 1, f"batch_syn must be None or >= 1, got {self.batch_syn}"),
             (self.pix_init in ("real", "noise"), f"pix_init must be 'real' or 'noise', got {self.pix_init!r}"),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}"),
+            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
             (self.max_start_epoch_end is None or self.max_start_epoch_end >= self.max_start_epoch,
              f"max_start_epoch_end (DATM's window only grows) must be >= max_start_epoch={self.max_start_epoch}, "
              f"got {self.max_start_epoch_end}"),
             (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
+            (self.max_skips >= 1, f"max_skips must be >= 1, got {self.max_skips}"),
+            (math.isfinite(self.pixel_limit) and self.pixel_limit > 0,
+             f"pixel_limit must be a finite number > 0, got {self.pixel_limit}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        dtype = DTYPES[self.dtype]
+        check_rate("lr_img", self.lr_img, dtype)
+        check_rate("lr_lr", self.lr_lr, dtype, zero_ok=True)
+        check_rate("lr_teacher", self.lr_teacher, dtype)
         if self.dsa_strategy is not None:
             parse_strategy(self.dsa_strategy)
         if epochs is not None:
@@ -135,11 +148,17 @@ class StepRecord:
     grad_norm_lr: float
     seconds: float
     skipped: bool = False  # True when the loss or a gradient was not finite
+    pixel_min: float = 0.0  # range of the synthetic pixels after the update (normalised units)
+    pixel_max: float = 0.0
     student_path: Tensor | None = None
 
     def as_dict(self) -> dict:
         """A JSON-ready dict (without the student path)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "student_path"}
+
+
+class DivergenceError(RuntimeError):
+    """A run that has stopped learning: non-finite iterations in a row, or pixels beyond the limit."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +215,7 @@ class Distiller:
         config.validate(store.epochs)
         if len(store) == 0:
             raise TrajectoryStoreError(f"{store.path} holds no finished expert yet")
+        store.check_files()  # every expert's header, shape and dtype, before any work
         spec = store.model_spec
         if config.model is not None and config.model != spec["name"]:
             raise TrajectoryStoreError(f"{store.path} holds {spec['name']} trajectories, not {config.model}")
@@ -216,6 +236,7 @@ class Distiller:
         self._trajectories: dict[int, Tensor] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
+        self.skips = 0  # consecutive non-finite iterations
 
         # synthetic images: ipc real images per class, or Gaussian noise
         smallest = min(train.class_counts())
@@ -280,7 +301,7 @@ class Distiller:
         ``update(syn_steps=40, expert_epochs=3)``; ``lr_img`` also updates the optimiser.
         """
         allowed = {"syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch", "lr_img", "lr_lr",
-                   "batch_syn", "max_start_epoch_end", "mode", "iterations"}
+                   "batch_syn", "max_start_epoch_end", "mode", "iterations", "max_skips", "pixel_limit"}
         bad = set(changes) - allowed
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} during a run; changeable: {sorted(allowed)}")
@@ -351,13 +372,33 @@ class Distiller:
                     # FTD: ema <- d * ema + (1 - d) * X
                     self._ema.mul_(c.ema_decay).add_(self._images.detach(), alpha=1 - c.ema_decay)
         self.iteration += 1
-        return StepRecord(
+        self.skips = 0 if finite else self.skips + 1
+        pixel_min, pixel_max = (float(v) for v in torch.aminmax(self._images.detach()))
+        record = StepRecord(
             iteration=self.iteration, loss=float(loss), syn_lr=self.syn_lr, expert=expert,
             start_epoch=start_epoch, syn_steps=c.syn_steps, expert_epochs=c.expert_epochs,
             grad_norm_images=float(grad_images.norm()), grad_norm_lr=float(grad_lr.abs()),
-            seconds=time.perf_counter() - start_time, skipped=not finite,
+            seconds=time.perf_counter() - start_time, skipped=not finite, pixel_min=pixel_min, pixel_max=pixel_max,
             student_path=torch.stack(path).cpu().float() if return_path else None,
         )
+        self._check_divergence(record)
+        return record
+
+    def _check_divergence(self, record: StepRecord) -> None:
+        """Stop a run that cannot recover, with the iteration and the likely cause."""
+        c = self.config
+        if self.skips >= c.max_skips:
+            raise DivergenceError(
+                f"iterations {record.iteration - self.skips + 1}-{record.iteration}: the matching loss or its "
+                f"gradient was not finite {self.skips} times in a row (max_skips = {c.max_skips}); the images are "
+                f"kept as they were before; likely cause: lr_img = {c.lr_img:g} or lr_teacher = {c.lr_teacher:g} "
+                f"too high, or N = {c.syn_steps} steps too long for alpha = {record.syn_lr:.3g}")
+        largest = max(-record.pixel_min, record.pixel_max)
+        if not largest <= c.pixel_limit:
+            raise DivergenceError(
+                f"iteration {record.iteration}: the synthetic pixels reached {largest:.3g} (pixel_limit = "
+                f"{c.pixel_limit:g}; real images lie within about +-3), so the set has diverged; likely cause: "
+                f"lr_img = {c.lr_img:g} is too high for this run (MTT uses 100-10000); lower it and start again")
 
     def steps(self, iterations: int | None = None, return_path: bool = False) -> Iterator[StepRecord]:
         """Yield records until ``config.iterations`` (or ``iterations`` more) have run."""
@@ -423,7 +464,8 @@ class Distiller:
             "images": self._images.detach().cpu(), "labels": self._labels.cpu(),
             "syn_lr": self._syn_lr.detach().cpu(), "ema": None if self._ema is None else self._ema.cpu(),
             "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-            "generator": self.generator.get_state(), "iteration": self.iteration, "config": asdict(self.config),
+            "generator": self.generator.get_state(), "iteration": self.iteration, "skips": self.skips,
+            "config": asdict(self.config),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -439,3 +481,4 @@ class Distiller:
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.generator.set_state(state["generator"])
         self.iteration = state["iteration"]
+        self.skips = state.get("skips", 0)

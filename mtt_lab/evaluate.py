@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .augment import default_strategy
 from .data import ImageDataset
 from .models import get_model
-from .train import accuracy, train_epoch
+from .train import accuracy, check_rate, train_epoch
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ def evaluate_synset(
     """
     if runs < 1 or epochs < 1:
         raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_rate("lr", lr)
+    if not torch.isfinite(images).all():
+        raise ValueError(f"the {len(images)} images to evaluate hold non-finite values (a diverged run?)")
     if images.shape[1:] != test.images.shape[1:]:
         raise ValueError(f"images of shape {list(images.shape[1:])} do not match the test set's "
                          f"{list(test.images.shape[1:])}")

@@ -18,9 +18,7 @@ and ``train_experts`` on the same folder carries on where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +30,16 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import default_strategy
 from .data import load_splits
+from .files import LOCK_NAME, FileError, FolderLock, atomic_write_json, bad_file, describe, read_json, read_torch, \
+    require_keys, save_torch
 from .models import Functional, get_model
-from .train import accuracy, resolve_device, train_epoch
+from .train import accuracy, check_rate, resolve_device, train_epoch
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class TrajectoryStoreError(RuntimeError):
+class TrajectoryStoreError(FileError):
     """A trajectory store is missing, corrupt, or does not match what was asked for."""
 
 
@@ -68,28 +68,9 @@ class ExpertConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+        check_rate("lr", self.lr)
+        check_rate("momentum", self.momentum, zero_ok=True)
+        check_rate("weight_decay", self.weight_decay, zero_ok=True)
 
 
 def model_spec(config: ExpertConfig, channels: int, num_classes: int, image_size: int) -> dict:
@@ -111,14 +92,20 @@ class TrajectoryStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        manifest = self.path / MANIFEST
-        if not manifest.is_file():
-            raise TrajectoryStoreError(f"no trajectory store at {str(self.path)!r}: {MANIFEST} is missing")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-            self.manifest["experts"], self.manifest["model"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise TrajectoryStoreError(f"{manifest} is not a valid trajectory manifest ({exc})") from exc
+        todo = (f"check the path, or train experts into it with `mtt-lab experts --out {self.path}`"
+                if not (self.path / MANIFEST).exists() else "restore it from a copy or train the experts again")
+        expected = "a trajectory manifest (written by `mtt-lab experts`)"
+        self.manifest = read_json(self.path / MANIFEST, expected, todo)
+        require_keys(self.path / MANIFEST, self.manifest, {
+            "format": int, "model": dict, "dataset": str, "config": dict, "num_params": int, "epochs": int,
+            "experts": list}, expected, todo)
+        require_keys(self.path / MANIFEST, self.manifest["model"], {
+            "name": str, "channels": int, "num_classes": int, "image_size": int, "kwargs": dict},
+                     "a model spec under 'model'", todo)
+        require_keys(self.path / MANIFEST, self.manifest["config"], {"zca": bool}, "a config with 'zca'", todo)
+        for entry in self.manifest["experts"]:
+            require_keys(self.path / MANIFEST, entry, {"file": str, "test_acc": list},
+                         "expert entries with 'file' and 'test_acc'", todo)
 
     @classmethod
     def create(cls, path, spec: dict, config: ExpertConfig, num_params: int) -> TrajectoryStore:
@@ -178,15 +165,19 @@ class TrajectoryStore:
         if not -len(self) <= i < len(self):
             raise IndexError(f"expert {i} out of range: {self.path} holds {len(self)} experts")
         file = self.path / self.manifest["experts"][i]["file"]
-        try:
-            trajectory = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
-        except Exception as exc:
-            raise TrajectoryStoreError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
-        expected = (self.epochs + 1, self.num_params)
-        if not isinstance(trajectory, Tensor) or tuple(trajectory.shape) != expected:
-            got = list(trajectory.shape) if isinstance(trajectory, Tensor) else type(trajectory).__name__
-            raise TrajectoryStoreError(f"{file} holds {got}, expected a tensor of shape {list(expected)}")
+        shape = [self.epochs + 1, self.num_params]
+        expected = f"expert {i}'s trajectory, a float32 tensor of shape {shape}"
+        todo = f"delete {file.name} and its manifest entry and rerun `mtt-lab experts` to retrain it"
+        trajectory = read_torch(file, expected, todo, mmap=True)
+        if not isinstance(trajectory, Tensor) or list(trajectory.shape) != shape or trajectory.dtype != torch.float32:
+            raise bad_file(file, expected, describe(trajectory), todo)
         return trajectory
+
+    def check_files(self) -> None:
+        """Open every expert file (header, shape and dtype; the values stay on disk): raise the first
+        problem as a :class:`~mtt_lab.files.FileError`. Cheap: the files are memory-mapped."""
+        for i in range(len(self)):
+            self[i]
 
     def check_compatible(self, model_spec: dict | None = None, dataset: str | None = None) -> None:
         """Raise if the store was written for another architecture or dataset."""
@@ -202,7 +193,7 @@ class TrajectoryStore:
             try:
                 if not torch.isfinite(self[i]).all():
                     problems.append(f"{self.path / self.metrics(i)['file']}: holds non-finite values")
-            except TrajectoryStoreError as exc:
+            except FileError as exc:
                 problems.append(str(exc))
         return problems
 
@@ -211,7 +202,7 @@ class TrajectoryStore:
         """Write one expert's ``[E + 1, P]`` trajectory atomically, then list it in the manifest."""
         name = f"expert_{len(self):03d}.pt"
         data = trajectory.detach().to("cpu", torch.float32).contiguous()
-        atomic_write_bytes(self.path / name, lambda f: torch.save(data, f))
+        save_torch(self.path / name, data)
         self.manifest["experts"].append({"file": name, **metrics})
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
@@ -226,10 +217,21 @@ def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool =
     device = resolve_device(config.device)
     train, test = load_splits(config.dataset, zca=config.zca, device=device)
     spec = model_spec(config, train.channels, train.num_classes, train.image_size)
-    probe = build_model(spec)
-    store = TrajectoryStore.create(out, spec, config, Functional(probe).num_params)
-    strategy = default_strategy(config.dataset) if config.dsa else ""
+    num_params = Functional(build_model(spec)).num_params
+    out = Path(out)
+    if out.is_dir() and not (out / MANIFEST).exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
+        raise TrajectoryStoreError(f"{out} is not empty and holds no trajectory store ({MANIFEST}); "
+                                   f"choose a new or empty folder for the experts")
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "trajectory store"):  # one writer per store; the manifest is re-read under the lock
+        store = TrajectoryStore.create(out, spec, config, num_params)
+        _train_missing(store, config, spec, train, test, device, progress)
+    return store
 
+
+def _train_missing(store: TrajectoryStore, config: ExpertConfig, spec: dict, train, test, device, progress):
+    """Train experts len(store) .. config.num_experts - 1 into ``store``."""
+    strategy = default_strategy(config.dataset) if config.dsa else ""
     for i in tqdm(range(len(store), config.num_experts), desc="experts", disable=not progress,
                   initial=len(store), total=config.num_experts):
         seed = config.seed * 1000 + i
@@ -251,4 +253,3 @@ def train_experts(config: ExpertConfig, out: str | os.PathLike, progress: bool =
             epochs.set_postfix(loss=f"{train_loss[-1]:.3f}", acc=f"{test_acc[-1]:.3f}")
         store.append(torch.stack(snapshots), {"seed": seed, "train_loss": train_loss, "test_acc": test_acc,
                                               "seconds": round(time.perf_counter() - start, 2)})
-    return store

@@ -26,11 +26,10 @@ by its final-epoch test accuracy, mean +- std over seeds, as an :class:`~mtt_lab
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,10 @@ from tqdm.auto import tqdm
 from .augment import default_strategy, dsa
 from .data import ImageDataset, load_splits
 from .evaluate import EvalResult
-from .experts import TrajectoryStore, atomic_write_json
+from .experts import TrajectoryStore
 from .models import Functional, get_model
-from .train import accuracy, resolve_device, train_epoch
+from .runs import save_experiment
+from .train import accuracy, check_rate, resolve_device, train_epoch
 
 # ----------------------------------------------------------------------------------------------
 # losses
@@ -277,6 +277,13 @@ class KDConfig:
     seed: int = 0
     device: str = "auto"
 
+    def validate(self) -> None:
+        _check_common(self)
+        check_rate("teacher_lr", self.teacher_lr)
+        check_rate("T (temperature)", self.T)
+        if self.teacher_epochs < 1:
+            raise ValueError(f"teacher_epochs must be >= 1, got {self.teacher_epochs}")
+
 
 @dataclass
 class DLBConfig:
@@ -297,6 +304,24 @@ class DLBConfig:
     runs: int = 3
     seed: int = 0
     device: str = "auto"
+
+    def validate(self) -> None:
+        _check_common(self)
+        check_rate("tau (temperature)", self.tau)
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise (fraction of flipped labels) must be in [0, 1), got {self.noise}")
+
+
+def _check_common(config: KDConfig | DLBConfig) -> None:
+    """The knobs both lessons share; raise ``ValueError`` naming the first bad one."""
+    check_rate("lr", config.lr)
+    for name in ("epochs", "runs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.per_class is not None and config.per_class < 1:
+        raise ValueError(f"per_class must be >= 1 (or None for all images), got {config.per_class}")
+    if not (math.isfinite(config.alpha) and config.alpha >= 0):
+        raise ValueError(f"alpha (weight of the distillation term) must be a finite number >= 0, got {config.alpha}")
 
 
 def training_subset(train: ImageDataset, per_class: int | None, seed: int) -> tuple[Tensor, Tensor]:
@@ -403,25 +428,23 @@ def dlb_experiment(config: DLBConfig, progress: bool = True, log: list | None = 
 
 def _write_run(out_dir, config, results: dict, log: list, started: float) -> dict:
     """config.json, results.json (per-seed accuracies, mean, std, seconds) and log.jsonl."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {name: {"label": r.model, "accuracies": list(r.accuracies), "mean": r.mean, "std": r.std}
                for name, r in results.items() if isinstance(r, EvalResult)}
     summary.update({k: v for k, v in results.items() if not isinstance(v, EvalResult)})
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
-    atomic_write_json(out / "config.json", asdict(config))
-    atomic_write_json(out / "results.json", summary)
-    (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    save_experiment(out_dir, asdict(config), summary, log)
     return summary
 
 
 def run_kd(config: KDConfig, out_dir, progress: bool = True) -> dict:
     """:func:`kd_experiment` into run folder ``out_dir``; returns what ``results.json`` holds."""
+    config.validate()
     started, log = time.perf_counter(), []
     return _write_run(out_dir, config, kd_experiment(config, progress=progress, log=log), log, started)
 
 
 def run_dlb(config: DLBConfig, out_dir, progress: bool = True) -> dict:
     """:func:`dlb_experiment` into run folder ``out_dir``; returns what ``results.json`` holds."""
+    config.validate()
     started, log = time.perf_counter(), []
     return _write_run(out_dir, config, dlb_experiment(config, progress=progress, log=log), log, started)

@@ -8,6 +8,7 @@ no ``DataLoader``, no per-sample Python.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu or auto")
     return device
+
+
+def check_rate(name: str, value: float, dtype: torch.dtype = torch.float32, zero_ok: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite learning rate (> 0, or >= 0 with ``zero_ok``)
+    that ``dtype`` can hold: an infinite or overflowing rate would only write NaNs."""
+    largest = torch.finfo(dtype).max
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+            and value <= largest):
+        allowed = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {allowed} and at most {largest:.3g} (the largest "
+                         f"{str(dtype).removeprefix('torch.')}), got {value}")
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[Tensor]:

@@ -128,3 +128,132 @@ def test_every_command_keeps_freed_memory(monkeypatch, capsys):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
     assert main(["evaluate", "/nonexistent/run"]) == 2
     assert calls == [True]
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders are protected, values and sources are checked before any work
+
+
+def test_a_run_folder_needs_resume_or_overwrite(store_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(distill_args(store_dir, run, 2)) == 0
+    (run / "eval.json").write_text("[]")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    assert main(distill_args(store_dir, run, 2)) == 2
+    assert "is not empty: it holds another run; continue that run with --resume, replace it with --overwrite" \
+        in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before  # untouched
+    assert main(distill_args(store_dir, run, 2, "--overwrite", "--seed", "1")) == 0
+    assert not (run / "eval.json").exists()  # nothing of the old run is left to mix with the new one
+    assert main(["info", str(run)]) == 0
+    with pytest.raises(SystemExit):  # argparse: not allowed together
+        main(distill_args(store_dir, run, 2, "--overwrite", "--resume"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(distill_args(store_dir, other, 2)) == 2
+    assert "holds other files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--lr-img", "inf", "lr_img must be a finite number > 0"),
+    ("--lr-img", "1e39", "at most 3.4e+38 (the largest float32), got 1e+39"),
+    ("--lr-teacher", "nan", "lr_teacher must be a finite number > 0"),
+    ("--lr-lr", "-1", "lr_lr must be a finite number >= 0"),
+    ("--iterations", "0", "iterations must be >= 1, got 0"),
+    ("--checkpoint-every", "0", "checkpoint_every must be an integer >= 1"),
+    ("--pixel-limit", "inf", "pixel_limit must be a finite number > 0"),
+])
+def test_bad_distill_values_are_refused_before_any_folder(store_dir, tmp_path, capsys, flag, value, needle):
+    argv = distill_args(store_dir, tmp_path / "run", 2)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "inf"], "lr must be a finite number > 0"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+])
+def test_bad_expert_values_are_refused_before_any_folder(tmp_path, capsys, argv, needle):
+    assert main(["experts", *TINY, *argv, "--out", str(tmp_path / "store")]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_offline_torchvision_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MTT_LAB_DATA", str(tmp_path / "data"))
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    assert main(["experts", "--dataset", "mnist", "--out", str(tmp_path / "store"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'mnist'" in err and "mnist10k" in err and "Traceback" not in err
+    assert not (tmp_path / "store").exists()
+
+
+ONE = ["--experts", "1", "--epochs", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def zca_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "zca"
+    assert main(["experts", "--model", "ConvNetW16", *ONE, "--zca", "--out", str(out)]) == 0
+    return out
+
+
+def test_resume_checks_the_store(store_dir, zca_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(distill_args(store_dir, run, 2)) == 0
+    lenet = tmp_path / "lenet"
+    assert main(["experts", "--model", "LeNet", *ONE, "--out", str(lenet)]) == 0
+    assert main(distill_args(lenet, run, 3, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "was distilled from 2 ConvNetW16 experts x 3 epochs on mnist10k" in err and "of another model" in err
+    assert main(distill_args(zca_store, run, 3, "--resume")) == 2
+    assert "trained with other settings" in capsys.readouterr().err
+    assert main(["info", str(run)]) == 0  # the refused resumes changed nothing
+
+
+def test_zca_travels_with_the_synthetic_set(zca_store, tmp_path, monkeypatch):
+    store, run = zca_store, tmp_path / "run"
+    assert main(distill_args(store, run, 2)) == 0
+    assert torch.load(run / "images.pt", weights_only=True)["zca"] is True
+    seen = []
+    real = cli.load_splits
+    monkeypatch.setattr(cli, "load_splits", lambda name, **kw: seen.append((name, kw["zca"])) or real(name, **kw))
+    assert main(["evaluate", str(run), "--models", "ConvNetW16", "--epochs", "2", "--runs", "1",
+                 "--device", "cpu"]) == 0
+    assert seen == [("mnist10k", True)]  # the test images are whitened like the distilled ones
+    assert json.loads((run / "eval.json").read_text())[0]["mean"] > 0.1
+
+
+def test_info_reports_mixed_and_unfinished_run_folders(store_dir, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(distill_args(store_dir, a, 2)) == 0
+    assert main(distill_args(store_dir, b, 2)) == 0
+    (b / "images.pt").write_bytes((a / "images.pt").read_bytes())  # a mixed folder
+    capsys.readouterr()
+    assert main(["info", str(b)]) == 1
+    assert "belongs to another run" in capsys.readouterr().err
+    (b / "images.pt").unlink()  # a half-written one
+    assert main(["info", str(b)]) == 1
+    assert "images.pt: missing, the run is unfinished" in capsys.readouterr().err
+    assert main(distill_args(store_dir, b, 2, "--resume")) == 0  # and --resume finishes it
+    assert main(["info", str(b)]) == 0
+
+
+def test_a_diverging_run_stops_with_the_cause(store_dir, tmp_path, capsys):
+    assert main(distill_args(store_dir, tmp_path / "run", 20, "--lr-img", "1e12")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "the synthetic pixels reached" in err[0] and "lr_img = 1e+12 is too high" in err[0]
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) < 20 and all(abs(json.loads(line)["pixel_max"]) < 1e3 for line in log[:-1] or ["{\"pixel_max\": 0}"])

@@ -388,21 +388,68 @@ def test_image_folder_with_train_and_test(tmp_path):
     torch.testing.assert_close(train.images.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
 
 
-def test_image_folder_without_splits_is_resized(tmp_path):
-    written = write_pngs(tmp_path, ["a", "b"], 2, 12, seed=2)
-    train = load_dataset(f"folder:{tmp_path}", "train", image_size=6)
-    test = load_dataset(f"folder:{tmp_path}", "test", image_size=6)
-    assert train.images.shape == (4, 3, 6, 6) and train.labels.tolist() == [0, 0, 1, 1]
-    assert torch.equal(train.images, test.images)  # the same tree serves both splits
-    # a bilinear 12 -> 6 resize keeps each image's average colour to within a few grey levels
-    means = torch.stack([torch.from_numpy(written[(n, i)]).float().mean((0, 1)) / 255
-                         for n in ("a", "b") for i in range(2)])
-    torch.testing.assert_close(train.denormalize(train.images).mean((2, 3)), means, atol=0.03, rtol=0)
+def test_image_folder_without_a_test_split_needs_an_explicit_choice(tmp_path):
+    write_pngs(tmp_path, ["a", "b"], 2, 12, seed=2)
+    for split in ("train", "test"):  # never the training images as test images, silently
+        with pytest.raises(DatasetUnavailable, match=r"no train/ and test/ .*holdout=0.2.*test=TEST_FOLDER"):
+            load_dataset(f"folder:{tmp_path}", split)
+
+
+def test_image_folder_holdout_is_stratified_disjoint_and_pinned(tmp_path):
+    write_pngs(tmp_path, ["a", "b", "c"], 10, 8, seed=3)
+    name = f"folder:{tmp_path}?holdout=0.3"
+    train, test = load_dataset(name, "train"), load_dataset(name, "test")
+    assert train.class_counts() == [7, 7, 7] and test.class_counts() == [3, 3, 3]
+    rows = lambda ds: {tuple(x.flatten().tolist()) for x in ds.denormalize(ds.images)}  # noqa: E731
+    assert not rows(train) & rows(test) and len(rows(train) | rows(test)) == 30
+    again = load_dataset(name, "test")
+    assert torch.equal(again.images, test.images)  # a fixed seed: the same held-out images every time
+    with pytest.raises(ValueError, match=r"holdout must be a fraction in \(0, 1\), got 1.5"):
+        load_dataset(f"folder:{tmp_path}?holdout=1.5")
+    with pytest.raises(ValueError, match=r"unknown image-folder option 'hold'"):
+        load_dataset(f"folder:{tmp_path}?hold=0.2")
+
+
+def test_image_folder_with_a_named_test_folder(tmp_path):
+    write_pngs(tmp_path / "mine", ["a", "b"], 3, 8, seed=4)
+    written = write_pngs(tmp_path / "other", ["a", "b"], 2, 8, seed=5)
+    name = f"folder:{tmp_path / 'mine'}?test={tmp_path / 'other'}"
+    train, test = load_dataset(name, "train"), load_dataset(name, "test")
+    assert len(train) == 6 and len(test) == 4
+    expected = torch.stack([torch.from_numpy(written[(n, i)]) for n in "ab" for i in range(2)])
+    torch.testing.assert_close(test.denormalize(test.images), expected.permute(0, 3, 1, 2).float().div(255),
+                               atol=1e-5, rtol=0)
+
+
+def test_image_folder_channels_and_size_follow_the_files(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(random_uint8((10, 10), i + 7 * (c == "b"))).save(tmp_path / split / c / f"{i}.png")
+    ds = load_dataset(f"folder:{tmp_path}", "train")
+    assert ds.images.shape == (4, 1, 10, 10)  # greyscale files: one channel, their own size, nothing converted
+    assert load_dataset(f"folder:{tmp_path}?channels=3&size=8", "train").images.shape == (4, 3, 8, 8)
+    # one colour image among greyscale ones, and one of another size: converted, with a warning each
+    Image.fromarray(random_uint8((12, 12, 3), 9)).save(tmp_path / "train" / "a" / "2.png")
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(f"folder:{tmp_path}", "train")
+    messages = " ".join(str(w.message) for w in caught)
+    assert ds.images.shape == (5, 3, 10, 10)
+    assert "4 greyscale images converted to RGB" in messages and "1 of 5 images resized to 10x10" in messages
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetUnavailable, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'nowhere'}")
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "test" / "cls").mkdir(parents=True)
     with pytest.raises(DatasetUnavailable, match="holds no images"):
         load_dataset(f"folder:{tmp_path / 'empty'}")
+    write_pngs(tmp_path / "bad" / "train", ["a"], 1, 8, seed=6)
+    write_pngs(tmp_path / "bad" / "test", ["a"], 1, 8, seed=7)
+    (tmp_path / "bad" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DatasetUnavailable, match=r"broken.png: expected an image file, found a damaged"):
+        load_dataset(f"folder:{tmp_path / 'bad'}")

@@ -93,8 +93,9 @@ def test_learns_above_chance_from_ten_real_images_per_class(splits, test_set):
 @pytest.mark.parametrize("kw, message", [
     (dict(runs=0), r"runs=0"),
     (dict(epochs=0), r"epochs=0"),
-    (dict(lr=0.0), r"lr must be > 0, got 0\.0"),
-    (dict(lr=-0.5), r"lr must be > 0, got -0\.5"),
+    (dict(lr=0.0), r"lr must be a finite number > 0 .*got 0\.0"),
+    (dict(lr=-0.5), r"lr must be a finite number > 0 .*got -0\.5"),
+    (dict(lr=float("inf")), r"lr must be a finite number > 0 .*got inf"),
 ])
 def test_bad_arguments_name_the_values(splits, test_set, kw, message):
     images, labels = real_subset(splits, 1)

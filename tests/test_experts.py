@@ -16,6 +16,7 @@ from torch import nn
 
 from mtt_lab import experts
 from mtt_lab.data import ImageDataset
+from mtt_lab.files import FileError
 from mtt_lab.experts import (
     MANIFEST,
     ExpertConfig,
@@ -336,7 +337,7 @@ def test_truncated_expert_file(store_copy):
     file.write_bytes(content[: len(content) // 2])
     store = TrajectoryStore(store_copy)
     assert store[0].shape == (3, store.num_params)
-    with pytest.raises(TrajectoryStoreError, match="expert_001.pt"):
+    with pytest.raises(FileError, match="expert_001.pt: expected expert 1's trajectory.*found a damaged or truncated"):
         store[1]
     problems = store.validate()
     assert len(problems) == 1 and "expert_001.pt" in problems[0]
@@ -347,9 +348,12 @@ def test_wrong_shape_and_non_tensor_files(store_copy):
     P = store.num_params
     torch.save(torch.zeros(2, P), store_copy / "expert_000.pt")
     torch.save({"theta": torch.zeros(3, P)}, store_copy / "expert_001.pt")
-    with pytest.raises(TrajectoryStoreError, match=rf"expert_000.pt holds \[2, {P}\], expected .*\[3, {P}\]"):
+    with pytest.raises(FileError, match=rf"expert_000.pt: expected .*\[3, {P}\], found a float32 tensor of shape \[2, {P}\]"):
         store[0]
-    with pytest.raises(TrajectoryStoreError, match="expert_001.pt holds dict"):
+    with pytest.raises(FileError, match=r"expert_001.pt: expected .* found a dict with keys \[theta\]"):
+        store[1]
+    torch.save(torch.zeros(3, P, dtype=torch.float64), store_copy / "expert_001.pt")
+    with pytest.raises(FileError, match=r"found a float64 tensor"):
         store[1]
     assert len(store.validate()) == 2
 
@@ -377,17 +381,17 @@ def test_pickled_objects_are_refused(store_copy, tmp_path):
     marker = tmp_path / "code_ran"
     torch.save(Payload(marker), store_copy / "expert_000.pt")
     store = TrajectoryStore(store_copy)
-    with pytest.raises(TrajectoryStoreError, match="expert_000.pt.*(?i:weights.only)"):
+    with pytest.raises(FileError, match="expert_000.pt: .*refused: unpickling them could run code"):
         store[0]
     assert not marker.exists()
 
 
 def test_missing_or_broken_manifest(tmp_path, store_copy):
-    with pytest.raises(TrajectoryStoreError, match="manifest.json is missing"):
+    with pytest.raises(FileError, match="manifest.json: expected a trajectory manifest .*found no such file"):
         TrajectoryStore(tmp_path / "nothing")
     (store_copy / MANIFEST).write_text("{not json")
-    with pytest.raises(TrajectoryStoreError, match="not a valid trajectory manifest"):
+    with pytest.raises(FileError, match="manifest.json: expected a trajectory manifest .*not valid JSON"):
         TrajectoryStore(store_copy)
     (store_copy / MANIFEST).write_text(json.dumps({"experts": []}))
-    with pytest.raises(TrajectoryStoreError, match="not a valid trajectory manifest"):
+    with pytest.raises(FileError, match=r"expected a trajectory manifest .*found a dict with keys \[experts\]"):
         TrajectoryStore(store_copy)

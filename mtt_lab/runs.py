@@ -1,0 +1,306 @@
+"""Run folders: the files of one distillation run, and the only code that reads or writes them.
+
+A run folder (``mtt-lab distill --out RUN``, or :func:`distill_run`) holds::
+
+    config.json      {"kind", "run_id", "distill": DistillConfig, "experts": store path, "store": its fingerprint}
+    checkpoint.pt    {"kind", "run_id", "state": Distiller.state_dict()}, rewritten every checkpoint_every iterations
+    log.jsonl        one StepRecord per line (iterations 1, 2, ...)
+    images.pt        {"kind", "run_id", "iteration", "images", "labels", "syn_lr", "dataset", "zca"}: the distilled set
+    grid.png         the distilled images, one row per class
+    eval.json        written by ``mtt-lab evaluate``
+    .lock            held while a process writes the folder (see ``files.FolderLock``)
+
+Every file carries the run's ``run_id``, so a folder that mixes two runs is recognised. Writing
+into a folder that holds another run needs ``resume`` (continue it exactly) or ``overwrite``
+(replace it). Everything is validated before the folder is created or touched.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import ImageDataset
+from .distill import DistillConfig, Distiller
+from .experts import TrajectoryStore
+from .files import (LOCK_NAME, FileError, FolderLock, LineLog, atomic_write, atomic_write_json, bad_file, describe,
+                    read_json, read_torch, require_keys, save_torch)
+
+CONFIG, CHECKPOINT, LOG, IMAGES, GRID, EVAL = "config.json", "checkpoint.pt", "log.jsonl", "images.pt", "grid.png", \
+    "eval.json"
+RUN_FILES = (CONFIG, CHECKPOINT, LOG, IMAGES, GRID, EVAL)
+KIND_CONFIG, KIND_CHECKPOINT, KIND_IMAGES = "mtt_lab run config", "mtt_lab distill checkpoint", "mtt_lab synthetic set"
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A distilled set as evaluation needs it.
+
+    images ``[C * ipc, c, h, w]`` float32 in the model's input space (normalised, and ZCA-whitened
+    when ``zca``: evaluate against test data whitened the same way); labels ``[C * ipc]`` int64 or
+    soft ``[C * ipc, C]``; ``syn_lr`` the learned alpha.
+    """
+
+    images: Tensor
+    labels: Tensor
+    syn_lr: float
+    dataset: str
+    zca: bool
+
+
+def store_fingerprint(store: TrajectoryStore) -> dict:
+    """What a resumed run must find again in its store (the path may change, the experts may not)."""
+    m = store.manifest
+    return {"dataset": m["dataset"], "model": m["model"], "config": m["config"], "num_params": m["num_params"],
+            "epochs": m["epochs"], "experts": len(store)}
+
+
+def _store_summary(fp: dict) -> str:
+    return f"{fp['experts']} {fp['model']['name']} experts x {fp['epochs']} epochs on {fp['dataset']}"
+
+
+class RunFolder:
+    """Reads and writes the files of the run folder at ``path`` (nothing is touched on creation)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def is_empty(self) -> bool:
+        """True when the folder does not exist or holds nothing but a lock file."""
+        return not self.path.is_dir() or all(f.name == LOCK_NAME for f in self.path.iterdir())
+
+    def is_run_folder(self) -> bool:
+        return any(self.file(name).exists() for name in RUN_FILES)
+
+    # -- reading -------------------------------------------------------------------------------
+    def read_config(self) -> dict:
+        expected, todo = "a run config (config.json of `mtt-lab distill`)", "distil into a new folder"
+        config = read_json(self.file(CONFIG), expected, todo)
+        require_keys(self.file(CONFIG), config, {"kind": str, "run_id": str, "distill": dict, "experts": str,
+                                                 "store": dict}, expected, todo)
+        if config["kind"] != KIND_CONFIG:
+            raise bad_file(self.file(CONFIG), expected, describe(config), todo)
+        try:
+            DistillConfig(**config["distill"])
+        except TypeError as exc:
+            raise bad_file(self.file(CONFIG), expected, f"unknown settings ({exc})", todo) from exc
+        return config
+
+    def read_checkpoint(self, run_id: str | None = None) -> dict:
+        """The Distiller state of the last checkpoint (checked against ``run_id`` when given)."""
+        expected = "a distillation checkpoint (checkpoint.pt of `mtt-lab distill`)"
+        todo = "distil again into a new folder (the checkpoint cannot be recovered)"
+        checkpoint = read_torch(self.file(CHECKPOINT), expected, todo)
+        require_keys(self.file(CHECKPOINT), checkpoint, {"kind": str, "run_id": str, "state": dict}, expected, todo)
+        if checkpoint["kind"] != KIND_CHECKPOINT:
+            raise bad_file(self.file(CHECKPOINT), expected, describe(checkpoint), todo)
+        require_keys(self.file(CHECKPOINT), checkpoint["state"], {
+            "images": Tensor, "labels": Tensor, "syn_lr": Tensor, "opt_img": dict, "opt_lr": dict,
+            "generator": Tensor, "iteration": int, "config": dict}, expected, todo)
+        self._same_run(CHECKPOINT, checkpoint["run_id"], run_id)
+        return checkpoint["state"]
+
+    def read_log(self, min_records: int = 0) -> list[dict]:
+        """The log's records, iterations 1, 2, ... in order (at least ``min_records``, e.g. the
+        checkpoint's iteration). A half-written last line is an error too."""
+        expected = "one JSON record per line, iterations 1, 2, 3, ... (log.jsonl of `mtt-lab distill`)"
+        todo = "resume the run with --resume (the log is rewritten up to the checkpoint) or distil again"
+        path = self.file(LOG)
+        if not path.is_file():
+            raise bad_file(path, expected, "no such file", todo)
+        rows = []
+        for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise bad_file(path, expected, f"line {number} is not JSON (half-written?)", todo) from None
+            if not isinstance(row, dict) or row.get("iteration") != number:
+                raise bad_file(path, expected, f"line {number} is {describe(row)}, not iteration {number}", todo)
+            rows.append(row)
+        if len(rows) < min_records:
+            raise bad_file(path, f"at least {min_records} records (the checkpoint's iteration)", f"{len(rows)}", todo)
+        return rows
+
+    def read_synthetic_set(self) -> SyntheticSet:
+        expected = "a synthetic set (images.pt of a finished `mtt-lab distill` run)"
+        todo = ("finish the run with `mtt-lab distill --resume`" if self.file(CHECKPOINT).is_file()
+                else f"check that {self.path} is a finished run folder")
+        data = read_torch(self.file(IMAGES), expected, todo)
+        require_keys(self.file(IMAGES), data, {"kind": str, "run_id": str, "iteration": int, "images": Tensor,
+                                               "labels": Tensor, "syn_lr": float, "dataset": str, "zca": bool},
+                     expected, todo)
+        if data["kind"] != KIND_IMAGES:
+            raise bad_file(self.file(IMAGES), expected, describe(data), todo)
+        images, labels = data["images"], data["labels"]
+        if images.ndim != 4 or not images.is_floating_point() or len(labels) != len(images):
+            raise bad_file(self.file(IMAGES), expected, f"images {describe(images)} with labels {describe(labels)}",
+                           todo)
+        return SyntheticSet(images.float(), labels, data["syn_lr"], data["dataset"], data["zca"])
+
+    def _same_run(self, name: str, found: str, run_id: str | None) -> None:
+        if run_id is not None and found != run_id:
+            raise FileError(f"{self.file(name)}: belongs to another run than {self.file(CONFIG)} (run ids {found} "
+                            f"and {run_id}): the folder mixes two runs; distil again into a new folder")
+
+    # -- checking (mtt-lab info) ----------------------------------------------------------------
+    def check(self) -> tuple[list[str], list[str]]:
+        """``(summary lines, problems)``: every file read and cross-checked; an unfinished run is a problem."""
+        lines, problems = [], []
+
+        def attempt(read):
+            try:
+                return read()
+            except FileError as exc:
+                problems.append(str(exc))
+
+        config = attempt(self.read_config)
+        run_id = config["run_id"] if config else None
+        if config:
+            d = config["distill"]
+            lines.append(f"run folder {self.path}: experts {config['experts']} "
+                         f"({_store_summary(config['store'])}), IPC {d['ipc']}, N = {d['syn_steps']}, "
+                         f"M = {d['expert_epochs']}, {d['iterations']} iterations, mode {d['mode']}")
+        log = attempt(self.read_log)
+        if log:
+            lines.append(f"  {len(log)} iterations logged; last loss {log[-1]['loss']:.4f}, alpha "
+                         f"{log[-1]['syn_lr']:.5f}")
+        state = attempt(lambda: self.read_checkpoint(run_id)) if self.file(CHECKPOINT).exists() or config else None
+        images = None
+        if self.file(IMAGES).exists():
+            images = attempt(lambda: read_torch(self.file(IMAGES), "a synthetic set", "distil again"))
+            if isinstance(images, dict):
+                attempt(self.read_synthetic_set)
+                attempt(lambda: self._same_run(IMAGES, images.get("run_id"), run_id))
+        if state is not None:
+            total = state["config"]["iterations"]
+            if log is not None and len(log) < state["iteration"]:
+                problems.append(f"{self.file(LOG)}: holds {len(log)} records but the checkpoint is at iteration "
+                                f"{state['iteration']}; resume the run with --resume")
+            if not isinstance(images, dict):
+                problems.append(f"{self.file(IMAGES)}: missing, the run is unfinished (checkpoint at iteration "
+                                f"{state['iteration']} of {total}); continue it with `mtt-lab distill --resume`")
+            elif images.get("iteration") != state["iteration"]:
+                problems.append(f"{self.file(IMAGES)}: from iteration {images.get('iteration')} but the checkpoint is "
+                                f"at iteration {state['iteration']} (an extension was interrupted); continue it with "
+                                f"`mtt-lab distill --resume`")
+        if self.file(EVAL).exists():
+            rows = attempt(lambda: read_json(self.file(EVAL), "evaluation results", "evaluate the run again"))
+            for row in rows if isinstance(rows, list) else []:
+                if isinstance(row, dict) and {"model", "mean", "std"} <= set(row):
+                    lines.append(f"  evaluated: {row['model']}: {100 * row['mean']:.2f} ± {100 * row['std']:.2f} %")
+        return lines, problems
+
+    # -- writing -------------------------------------------------------------------------------
+    def start(self, config: DistillConfig, store: TrajectoryStore) -> str:
+        """A fresh run: earlier run files removed, config.json written, an empty log. Returns the run id."""
+        for name in RUN_FILES:
+            self.file(name).unlink(missing_ok=True)
+        run_id = uuid.uuid4().hex
+        atomic_write_json(self.file(CONFIG), {"kind": KIND_CONFIG, "run_id": run_id, "distill": asdict(config),
+                                              "experts": str(store.path), "store": store_fingerprint(store)})
+        atomic_write(self.file(LOG), b"")
+        return run_id
+
+    def save_checkpoint(self, run_id: str, distiller: Distiller) -> None:
+        save_torch(self.file(CHECKPOINT), {"kind": KIND_CHECKPOINT, "run_id": run_id, "state": distiller.state_dict()})
+
+    def save_synthetic_set(self, run_id: str, distiller: Distiller) -> None:
+        """images.pt and grid.png."""
+        from .viz import grid_png
+
+        images = distiller.final_images().cpu()
+        save_torch(self.file(IMAGES), {
+            "kind": KIND_IMAGES, "run_id": run_id, "iteration": distiller.iteration, "images": images,
+            "labels": distiller.labels.cpu(), "syn_lr": distiller.syn_lr, "dataset": distiller.train.name,
+            "zca": distiller.train.zca is not None})
+        atomic_write(self.file(GRID), grid_png(images, distiller.train))
+
+    def save_eval(self, rows: list[dict]) -> None:
+        atomic_write_json(self.file(EVAL), rows)
+
+
+def check_resumable(folder: RunFolder, store: TrajectoryStore) -> tuple[dict, dict]:
+    """``(config.json, checkpoint state)`` of a run to resume with ``store``; raise if they do not belong together."""
+    config = folder.read_config()
+    recorded, given = config["store"], store_fingerprint(store)
+    if recorded != given:
+        raise FileError(f"--resume: {folder.path} was distilled from {_store_summary(recorded)} "
+                        f"({config['experts']}), but {store.path} holds {_store_summary(given)}"
+                        f"{'' if recorded['model'] == given['model'] else ' of another model'}"
+                        f"{'' if recorded['config'] == given['config'] else ' trained with other settings'}; "
+                        f"pass the store the run was made with")
+    return config, folder.read_checkpoint(config["run_id"])
+
+
+def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConfig, run, checkpoint_every: int = 50,
+                resume: bool = False, overwrite: bool = False, progress: bool = True) -> Distiller:
+    """Distil into run folder ``run``: a new run, ``resume`` the one there exactly, or ``overwrite`` it.
+
+    Everything (settings, every expert file, the folder's state) is checked before the folder is
+    created or changed. A second process writing the same folder fails at once.
+    """
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be an integer >= 1 (iterations between checkpoints), "
+                         f"got {checkpoint_every}")
+    folder = RunFolder(run)
+    distiller = Distiller(store, train, config)  # validates the settings and opens every expert file
+    if resume:
+        recorded, state = check_resumable(folder, store)
+        if tuple(state["images"].shape) != tuple(distiller.images.shape):
+            raise FileError(f"{folder.file(CHECKPOINT)}: holds images of shape {list(state['images'].shape)}, but "
+                            f"this store and dataset give {list(distiller.images.shape)}; pass the store the run "
+                            f"was made with")
+        run_id = recorded["run_id"]
+        log = folder.read_log(min_records=state["iteration"])
+    elif not folder.is_empty() and not overwrite:
+        what = "another run" if folder.is_run_folder() else "other files"
+        raise FileError(f"{folder.path} is not empty: it holds {what}; continue that run with --resume, replace "
+                        f"it with --overwrite, or choose another --out folder")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    with FolderLock(folder.path, "run folder"):
+        if resume:
+            distiller.load_state_dict(state)
+            distiller.update(iterations=config.iterations)  # a resumed run may be extended
+            # records written after the checkpoint are dropped: they will be recomputed identically
+            atomic_write(folder.file(LOG), "".join(_json_line(row) for row in log[:distiller.iteration]).encode())
+        else:
+            run_id = folder.start(config, store)
+        _run(folder, run_id, distiller, checkpoint_every, progress)
+    return distiller
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(row) + "\n"
+
+
+def _run(folder: RunFolder, run_id: str, distiller: Distiller, checkpoint_every: int, progress: bool) -> None:
+    total = distiller.config.iterations
+    with tqdm(total=total, initial=distiller.iteration, desc="distill", disable=not progress) as bar, \
+            LineLog(folder.file(LOG)) as log:
+        for record in distiller.steps():
+            log.append([record.as_dict()])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.syn_lr:.4f}",
+                            pixels=f"{record.pixel_min:.1f}..{record.pixel_max:.1f}")
+            if record.iteration % checkpoint_every == 0 or record.iteration == total:
+                folder.save_checkpoint(run_id, distiller)
+    folder.save_synthetic_set(run_id, distiller)
+
+
+def save_experiment(out, config: dict, results: dict, log: list[dict]) -> None:
+    """A results folder of the model-distillation lessons (``mtt-lab kd`` / ``dlb``):
+    ``config.json``, ``results.json`` and ``log.jsonl``, each written atomically."""
+    out = Path(out)
+    atomic_write_json(out / CONFIG, config)
+    atomic_write_json(out / "results.json", results)
+    atomic_write(out / LOG, "".join(_json_line(row) for row in log).encode())
+
