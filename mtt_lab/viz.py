@@ -391,14 +391,16 @@ def accuracy_bars(results: Mapping[str, Sequence[float] | EvalResult], title: st
 
     results: name -> accuracies in [0, 1] of several runs, or an :class:`EvalResult`.
     """
-    names, means, stds = [], [], []
+    names, means, stds, texts = [], [], [], []
     for name, result in results.items():
         runs = result.accuracies if isinstance(result, EvalResult) else result
         names.append(name)
         means.append(100 * statistics.fmean(runs))
+        # one run has no spread to show: say "1 run" rather than a "± 0.0" that looks like a measurement
         stds.append(100 * statistics.pstdev(runs) if len(runs) > 1 else 0.0)
+        texts.append(f"{means[-1]:.1f} ± {stds[-1]:.1f}" if len(runs) > 1 else f"{means[-1]:.1f} (1 run)")
     fig = go.Figure(go.Bar(x=names, y=means, error_y=dict(type="data", array=stds, visible=True),
-                           text=[f"{m:.1f} ± {s:.1f}" for m, s in zip(means, stds)], textposition="inside"))
+                           text=texts, textposition="inside"))
     fig.update_layout(title=title, yaxis=dict(title_text="test accuracy (%)", range=[0, 105]), height=380)
     return fig
 

@@ -361,12 +361,37 @@ def execute(nb, monkeypatch, artefacts, python3_kernel, solutions: bool) -> list
     return outputs
 
 
+SILENT_SECONDS = 30  # a cell may run this long without a progress bar (the aim is 15 s; margin for a shared CPU)
+
+
+def seconds(cell) -> float:
+    """How long an executed cell ran, from the timestamps nbclient records."""
+    from datetime import datetime
+
+    timing = cell.metadata.get("execution", {})
+    start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+    if not (start and end):
+        return 0.0
+    return (datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+            ).total_seconds()
+
+
+def shows_progress(cell) -> bool:
+    """A tqdm bar: a widget in the notebook, or its text form on stderr."""
+    return any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) or
+               (o.get("name") == "stderr" and "%|" in o.get("text", "")) for o in cell.get("outputs", []))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_top_to_bottom_in_quick_mode(path, artefacts, python3_kernel, monkeypatch):
-    outputs = execute(read(path), monkeypatch, artefacts, python3_kernel, solutions=True)
+    nb = read(path)
+    outputs = execute(nb, monkeypatch, artefacts, python3_kernel, solutions=True)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert text.count("Well done") == len(exercises(path)), f"{path.name}: not every solution passed its check"
+    silent = [(i, round(seconds(c))) for i, c in enumerate(nb.cells)
+              if c.cell_type == "code" and seconds(c) > SILENT_SECONDS and not shows_progress(c)]
+    assert not silent, f"{path.name}: (cell, seconds) that ran long without a progress bar: {silent}"
 
 
 # the two cheapest notebooks with exercises; the others' student versions are checked statically above

@@ -271,6 +271,7 @@ def test_accuracy_bars_mean_and_std():
     assert list(bars.x) == ["random real", "MTT", "one run"]
     np.testing.assert_allclose(bars.y, [60, 85, 40])
     np.testing.assert_allclose(bars.error_y.array, [100 * np.std([0.5, 0.6, 0.7]), 5, 0])
+    assert list(bars.text) == ["60.0 ± 8.2", "85.0 ± 5.0", "40.0 (1 run)"]  # no "± 0.0" for a single run
 
 
 def test_sweep_heatmap():
