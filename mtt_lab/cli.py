@@ -47,7 +47,9 @@ def cmd_experts(args) -> None:
 
 def _print_store(store: TrajectoryStore) -> None:
     spec = store.model_spec
-    print(f"trajectory store {store.path}: {spec['name']} {spec['kwargs'] or ''} on {store.dataset}, "
+    print(f"trajectory store {store.path}: {spec['name']}{' ' + str(spec['kwargs']) if spec['kwargs'] else ''} "
+          f"on {store.dataset} "
+          f"({spec['channels']}x{spec['image_size']}x{spec['image_size']}), "
           f"{len(store)} experts x {store.epochs} epochs, P = {store.num_params:,} parameters")
     for i in range(len(store)):
         m = store.metrics(i)

@@ -104,8 +104,7 @@ class TrajectoryStore:
                      "a model spec under 'model'", todo)
         require_keys(self.path / MANIFEST, self.manifest["config"], {"zca": bool}, "a config with 'zca'", todo)
         for entry in self.manifest["experts"]:
-            require_keys(self.path / MANIFEST, entry, {"file": str, "test_acc": list},
-                         "expert entries with 'file' and 'test_acc'", todo)
+            require_keys(self.path / MANIFEST, entry, {"file": str}, "expert entries naming their 'file'", todo)
 
     @classmethod
     def create(cls, path, spec: dict, config: ExpertConfig, num_params: int) -> TrajectoryStore:

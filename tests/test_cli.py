@@ -220,6 +220,18 @@ def test_resume_checks_the_store(store_dir, zca_store, tmp_path, capsys):
     assert "was distilled from 2 ConvNetW16 experts x 3 epochs on mnist10k" in err and "of another model" in err
     assert main(distill_args(zca_store, run, 3, "--resume")) == 2
     assert "trained with other settings" in capsys.readouterr().err
+    from PIL import Image  # a store of another dataset: 12 tiny greyscale images in two classes
+
+    for split, n in (("train", 4), ("test", 2)):
+        for c in "ab":
+            (tmp_path / "pics" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), 40 * i + 100 * (c == "b")).save(tmp_path / "pics" / split / c / f"{i}.png")
+    pics = tmp_path / "pics_store"
+    assert main(["experts", "--model", "ConvNetW16", *ONE, "--dataset", f"folder:{tmp_path / 'pics'}",
+                 "--out", str(pics)]) == 0
+    assert main(distill_args(pics, run, 3, "--resume")) == 2
+    assert f"holds 1 ConvNetW16 experts x 3 epochs on folder:{tmp_path / 'pics'}" in capsys.readouterr().err
     assert main(["info", str(run)]) == 0  # the refused resumes changed nothing
 
 

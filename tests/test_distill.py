@@ -23,7 +23,7 @@ import torch
 
 from mtt_lab.augment import DIGIT_STRATEGY
 from mtt_lab.data import ZCA, ImageDataset, load_splits
-from mtt_lab.distill import ALPHA_MIN, DistillConfig, Distiller
+from mtt_lab.distill import ALPHA_MIN, DistillConfig, Distiller, DivergenceError
 from mtt_lab.experts import MANIFEST, ExpertConfig, TrajectoryStore, TrajectoryStoreError, train_experts
 from mtt_reference import mtt_reference_grad
 
@@ -488,3 +488,61 @@ def test_set_images_starts_from_given_images(store, train):
     with pytest.raises(ValueError, match=r"images of shape \(3, 1, 28, 28\) given; this distiller learns "
                                          r"\(10, 1, 28, 28\)"):
         d.set_images(torch.zeros(3, 1, 28, 28))
+
+
+# ------------------------------------------------------------------------------------------------
+# divergence is stopped, with the iteration and the likely cause
+
+
+def test_records_carry_the_pixel_range(store, train):
+    d = make(store, train, mode="exact")
+    record = d.step()
+    assert (record.pixel_min, record.pixel_max) == (float(d.images.min()), float(d.images.max()))
+    assert record.as_dict()["pixel_max"] == record.pixel_max
+
+
+def test_non_finite_iterations_in_a_row_stop_the_run(store, train, monkeypatch):
+    d = make(store, train, mode="exact", max_start_epoch=1, max_skips=3)
+    x0 = d.images
+    monkeypatch.setattr(d, "_trajectory", _nan_target(store))
+    assert d.step().skipped and d.step().skipped
+    with pytest.raises(DivergenceError, match=r"iterations 1-3: .*not finite 3 times in a row \(max_skips = 3\).*"
+                                              r"likely cause: lr_img"):
+        d.step()
+    assert torch.equal(d.images, x0)  # nothing was written into the images
+    monkeypatch.undo()
+    d = make(store, train, mode="exact", max_start_epoch=1, max_skips=2)
+    monkeypatch.setattr(d, "_trajectory", _nan_target(store))
+    d.step()
+    monkeypatch.undo()
+    d.step()  # a good step resets the count
+    monkeypatch.setattr(d, "_trajectory", _nan_target(store))
+    d.step()
+    assert d.skips == 1 and d.state_dict()["skips"] == 1
+
+
+def test_pixels_beyond_the_limit_stop_the_run(store, train):
+    d = make(store, train, mode="exact", lr_img=1e9, pixel_limit=50.0)
+    with pytest.raises(DivergenceError, match=r"iteration 1: the synthetic pixels reached .* \(pixel_limit = 50;"
+                                              r".*lr_img = 1e\+09 is too high"):
+        d.step()
+    d = make(store, train, mode="exact", pixel_limit=50.0)
+    assert max(-d.step().pixel_min, d.step().pixel_max) < 50  # MTT's own lr_img stays well inside
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(lr_img=float("inf")), "lr_img must be a finite number > 0"),
+    (dict(lr_img=1e39), "(the largest float32), got 1e+39"),
+    (dict(lr_teacher=float("nan")), "lr_teacher must be a finite number > 0"),
+    (dict(iterations=0), "iterations must be >= 1, got 0"),
+    (dict(max_skips=0), "max_skips must be >= 1, got 0"),
+    (dict(pixel_limit=0.0), "pixel_limit must be a finite number > 0, got 0.0"),
+])
+def test_values_that_cannot_work_are_refused(changes, needle):
+    with pytest.raises(ValueError) as info:
+        DistillConfig(**changes).validate()
+    assert needle in str(info.value)
+
+
+def test_float64_runs_may_use_larger_rates():
+    DistillConfig(lr_img=1e39, dtype="float64").validate()

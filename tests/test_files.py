@@ -238,14 +238,9 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_is_named_and_nothing_is_half_written(made, tiny_disk, capsys):
     shutil.copytree(made / "store", tiny_disk / "store")
     run = tiny_disk / "run"
-    # fill the disk up to a few KiB, so the first checkpoint (tens of KiB) cannot be written
-    with open(tiny_disk / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    (tiny_disk / "filler").write_bytes(b"\0" * (os.path.getsize(tiny_disk / "filler") - 12 * 1024))
+    # fill the disk up to 12 KiB, so the first checkpoint (tens of KiB) cannot be written
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 12 * 1024))
     assert main(distill_argv(tiny_disk / "store", run, 3)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the progress bar
     assert len(errors) == 1 and "no space left on device (ENOSPC)" in errors[0], errors
