@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from family_data import few_digits
+from family_data import few_digits, through_disk
 
 from mtt_lab.augment import dsa, seeded_generator
 from mtt_lab.distribution_matching import DistributionMatching, DMConfig, mean_embedding_loss
@@ -84,7 +84,7 @@ def small_config(**changes) -> DMConfig:
 def test_resume_is_exact(digits):
     run = DistributionMatching(digits, small_config())
     list(run.steps(2))
-    state = run.state_dict()
+    state = through_disk(run.state_dict())
     later = [r.loss for r in run.steps(2)]
     resumed = DistributionMatching(digits, small_config())
     resumed.load_state_dict(state)

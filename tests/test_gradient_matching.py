@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from family_data import few_digits
+from family_data import few_digits, through_disk
 from torch.func import functional_call
 
 from mtt_lab.augment import dsa, seeded_generator
@@ -107,7 +107,7 @@ def test_resume_is_exact(digits, inner_data):
     config = small_config(inner_data=inner_data)
     run = GradientMatching(digits, config)
     first = [r.loss for r in run.steps(2)]
-    state = run.state_dict()
+    state = through_disk(run.state_dict())
     later = [r.loss for r in run.steps(2)]
     resumed = GradientMatching(digits, small_config(inner_data=inner_data))
     resumed.load_state_dict(state)
