@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -191,8 +192,10 @@ def child(command: list[str], what: str) -> dict:
     return json.loads(found[-1])
 
 
-def markdown(rows: list[dict], preset: str) -> str:
-    lines = [f"Preset `{preset}`; accuracy = final-epoch test accuracy on mnist10k (2,000 images), mean ± std.", "",
+def markdown(rows: list[dict], preset: str, loads: list[list[float]]) -> str:
+    load = " -> ".join("/".join(f"{v:.2f}" for v in load) for load in loads)
+    lines = [f"Preset `{preset}`; accuracy = final-epoch test accuracy on mnist10k (2,000 images), mean ± std; "
+             f"load average (1/5/15 min) at start -> end: {load}.", "",
              "| method | IPC | accuracy % | s / iteration | iterations | peak MiB | protocol card |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -234,6 +237,7 @@ def main() -> None:
     preset = PRESETS[args.preset]
     preset.experts.device = str(resolve_device(args.device))
     t0 = time.perf_counter()
+    loads = [list(os.getloadavg())]  # the machine may be shared: the load goes with every figure
     store_path = Path(args.work) / f"experts_{args.preset}"
     store = train_experts(preset.experts, store_path)
     rows = []
@@ -254,14 +258,15 @@ def main() -> None:
             print(f"RaT-BPTT IPC {args.window_ipc} W=T={window:<3} {mode:<10} {w['seconds_per_iteration']:.3g} s/it  "
                   f"{w['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
     seconds = time.perf_counter() - t0
-    table = markdown(rows, args.preset)
+    loads.append(list(os.getloadavg()))
+    table = markdown(rows, args.preset, loads)
     print("\n" + table + f"\n{seconds:.0f} s in all")
     expert_acc = [store.metrics(i)["test_acc"][-1] for i in range(len(store))]
     out = Path(args.out or f"benchmarks/family_{args.preset}.json")
     out.write_text(json.dumps({"preset": args.preset, "experts": asdict(preset.experts), "expert_acc": expert_acc,
                                "eval_epochs": preset.eval_epochs, "eval_runs": preset.eval_runs,
-                               "threads": args.threads, "rows": rows, "windows": windows, "seconds": seconds},
-                              indent=1))
+                               "threads": args.threads, "load_average": loads, "rows": rows, "windows": windows,
+                               "seconds": seconds}, indent=1))
     Path(args.markdown or f"benchmarks/family_{args.preset}.md").write_text(table)
 
 

@@ -6,7 +6,7 @@ no second derivative is taken: one outer iteration (:meth:`DistributionMatching.
 
 1. draw a fresh network psi with the model's own random init (its weights are never updated);
 2. for every class c: ``batch_real`` real images of c and the ``ipc`` synthetic images of c, both
-   augmented by DSA with one seed (Siamese), embedded by psi's feature extractor
+   augmented by DSA from one seed (Siamese, as in ``gradient_matching``), embedded by psi's feature extractor
    (``model.embed``: a ConvNet's flattened last block, ``[n, d]``);
 3. loss = sum_c || mean_i psi(aug(x_real_c,i)) - mean_j psi(aug(s_c,j)) ||^2
 4. one SGD step (momentum 0.5) on the pixels.

@@ -8,7 +8,7 @@ on S points the same way as the gradient on real data, class by class. One outer
 1. draw a fresh network theta_0 with the model's own random init;
 2. for ol = 1 .. outer_loop:
    a. for every class c: a batch of ``batch_real`` real images of c and the ``ipc`` synthetic images
-      of c, augmented by DSA with one seed (Siamese: the same transform family and draws for both);
+      of c, augmented by DSA from one seed (Siamese: the same op group for both; see the note below);
       g_real_c = grad_theta CE(f(theta, aug(x_real_c)), c),  g_syn_c = grad_theta CE(f(theta, aug(s_c)), c);
    b. loss = sum_c D(g_real_c, g_syn_c); one SGD step (momentum 0.5) on the pixels of S;
    c. (except after the last ol) ``inner_loop`` SGD steps of the network, as the papers do, on the
@@ -25,6 +25,14 @@ parameters (biases, norm scales and shifts) contribute nothing, as in the papers
 Defaults follow the papers' mnist/CIFAR settings: lr_img 0.1 (SGD, momentum 0.5), lr_net 0.01,
 batch_real 256, and (outer_loop, inner_loop) = (1, 1) at IPC 1, (10, 50) at IPC 10, (20, 25) at
 IPC 20, (30, 20) at 30, (40, 15) at 40, (50, 10) at 50; for any other IPC set both explicitly.
+
+Note on Siamese DSA. The papers' code reseeds its generator before every op, so image i of the real
+batch and image i of the synthetic batch get the same parameters for every op of the group.
+``augment.dsa`` seeds once per call and draws each op's parameters for the whole batch in turn, so
+with batches of different sizes (256 real, ``ipc`` synthetic) both always get the same op group, and
+image i gets the same crop, scale and rotation in both, but not the same color or cutout parameters
+(the later draws of those ops fall at other places of the stream; tests pin this).
+Matching a class's *average* gradient needs the same kind of transform on both sides, which holds.
 """
 
 from __future__ import annotations
@@ -161,7 +169,8 @@ class GradientMatching(SyntheticSet):
         losses, skipped, grad_norm = [], False, 0.0
         for ol in range(outer):
             syn = list(self._images.split(self.config.ipc))
-            loss = matching_loss(fn, theta, syn, self._real_per_class(self.config.batch_real), [self._seed() for _ in syn], self.strategy)
+            real = self._real_per_class(self.config.batch_real)
+            loss = matching_loss(fn, theta, syn, real, [self._seed() for _ in syn], self.strategy)
             (self._images.grad,) = torch.autograd.grad(loss, self._images)
             losses.append(float(loss.detach()))
             grad_norm = float(self._images.grad.norm())

@@ -165,3 +165,14 @@ def test_resume_refuses_another_config(digits):
     state = GradientMatching(digits, small_config()).state_dict()
     with pytest.raises(ValueError, match=r"differs in \['lr_img'\]"):
         GradientMatching(digits, small_config(lr_img=0.5)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("group, aligned", [("crop", True), ("scale", True), ("rotate", True),
+                                            ("color", False), ("cutout", False)])
+def test_siamese_alignment_of_batches_of_different_sizes(group, aligned):
+    """What the module docstring says about one seed for a 256-image and a 2-image batch: image i gets
+    the same transform in both for crop/scale/rotate, not for every op of color/cutout."""
+    x = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    same = [torch.allclose(dsa(x, group, seeded_generator(s))[:2], dsa(x[:2], group, seeded_generator(s)), atol=1e-5)
+            for s in range(4)]
+    assert all(same) if aligned else not all(same)

@@ -67,7 +67,8 @@ def test_evaluation_trains_on_the_soft_targets(store, mnist_train, mnist_test, m
     hard = result.labels.argmax(1)
 
     def weights_fingerprint(net, images, labels):  # stands in for accuracy(): what was trained
-        return float(sum((p.detach().double() * (1 + torch.arange(p.numel()).view_as(p))).sum() for p in net.parameters()))
+        weights = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        return float((weights * torch.arange(1, len(weights) + 1)).sum())
 
     monkeypatch.setattr(evaluate_module, "accuracy", weights_fingerprint)
     kwargs = dict(test=mnist_test, model_kwargs=TINY, epochs=2, runs=1, lr=0.05, progress=False)
