@@ -194,7 +194,7 @@ def child(command: list[str], what: str) -> dict:
 
 def markdown(rows: list[dict], preset: str, loads: list[list[float]]) -> str:
     load = " -> ".join("/".join(f"{v:.2f}" for v in load) for load in loads)
-    lines = [f"Preset `{preset}`; accuracy = final-epoch test accuracy on mnist10k (2,000 images), mean ± std; "
+    lines = [f"Preset `{preset}` (iterations per row below); accuracy = final-epoch test accuracy on mnist10k (2,000 images), mean ± std; "
              f"load average (1/5/15 min) at start -> end: {load}.", "",
              "| method | IPC | accuracy % | s / iteration | iterations | peak MiB | protocol card |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -205,6 +205,18 @@ def markdown(rows: list[dict], preset: str, loads: list[list[float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def apply_overrides(preset: Preset, args) -> None:
+    """``--iterations METHOD=N``, ``--eval-epochs``, ``--eval-runs`` into ``preset`` (children get the same flags)."""
+    for item in args.iterations:
+        method, _, value = item.partition("=")
+        if method not in preset.iterations or not value.isdigit():
+            raise SystemExit(f"--iterations takes METHOD=N with METHOD one of {', '.join(preset.iterations)} and N a "
+                             f"whole number; got {item!r}")
+        preset.iterations[method] = {ipc: int(value) for ipc in preset.iterations[method]}
+    preset.eval_epochs = args.eval_epochs or preset.eval_epochs
+    preset.eval_runs = args.eval_runs or preset.eval_runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the 'quick' preset: minutes, not accuracy figures")
@@ -212,6 +224,10 @@ def main() -> None:
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                         help=f"any of: {', '.join(METHODS)}")
+    parser.add_argument("--iterations", nargs="+", default=[], metavar="METHOD=N",
+                        help="override the preset's outer iterations of a method at every IPC, e.g. DM=500")
+    parser.add_argument("--eval-epochs", type=int, help="override the preset's evaluation epochs (for every row)")
+    parser.add_argument("--eval-runs", type=int, help="override the preset's evaluation runs (for every row)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default="runs/bench_family", help="experts are cached here")
@@ -229,6 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.preset = "quick"
+    apply_overrides(PRESETS[args.preset], args)
     if args.one:
         return run_one(args)
     if args.window:
@@ -243,8 +260,11 @@ def main() -> None:
     rows = []
     for ipc in args.ipcs:
         for method in args.methods:
+            overrides = [*(["--iterations", *args.iterations] if args.iterations else []),
+                         *(["--eval-epochs", str(args.eval_epochs)] if args.eval_epochs else []),
+                         *(["--eval-runs", str(args.eval_runs)] if args.eval_runs else [])]
             r = child(["--one", method, "--ipc", str(ipc), "--store", str(store_path), "--preset", args.preset,
-                       "--threads", str(args.threads), "--device", args.device], f"{method} at IPC {ipc}")
+                       "--threads", str(args.threads), "--device", args.device, *overrides], f"{method} at IPC {ipc}")
             rows.append(r)
             print(f"IPC {ipc:>2} {method:<11} {100 * r['mean']:6.2f} ± {100 * r['std']:.2f} %  "
                   f"{r['seconds_per_iteration']:.3g} s/it  {r['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
