@@ -4,6 +4,9 @@ Quick mode (the default on a CPU) shrinks everything so that each notebook runs 
 minutes on a laptop; full mode (the default on a GPU) uses the paper-sized settings. Set
 ``MTT_LAB_QUICK=1`` or ``MTT_LAB_QUICK=0`` to choose explicitly.
 
+``run_exercise`` checks the learners' exercises; ``python -m mtt_lab.course student-versions OUT``
+writes the notebooks without their solutions (nbgrader's ``### BEGIN SOLUTION`` markers).
+
 Expert trajectories are the expensive artefact; :func:`course_experts` trains them once into
 ``artefacts_dir()`` (``$MTT_LAB_ARTEFACTS``, default ``~/.cache/mtt_lab/course``) and every
 later notebook reuses them; a folder that is missing or incomplete is (re)made.
@@ -72,28 +75,160 @@ def course_experts(p: Preset | None = None, progress: bool = True) -> Trajectory
 
 
 def run_exercise(notebook: str, name: str, attempt, check) -> bool:
-    """Check a learner's ``attempt`` at exercise ``name`` with ``check(fn)`` (which asserts).
+    """Check a learner's ``attempt`` at exercise ``name`` of ``notebook`` with ``check(fn)`` (which asserts).
 
-    With ``MTT_LAB_SOLUTIONS=1`` (how the tests run the notebooks) the reference solution
-    ``notebooks/solutions/<notebook>.py::<name>`` is checked instead. An attempt that still
-    raises ``NotImplementedError`` prints a hint instead of stopping the notebook. Returns
-    whether a function was checked and passed; a wrong answer raises the check's AssertionError.
+    An attempt that still raises ``NotImplementedError`` or fails the check prints what to do and
+    returns False, so the notebook runs on; a pass prints so and returns True. With
+    ``MTT_LAB_SOLUTIONS=1`` (the solutions are filled in, as the tests run the course notebooks)
+    an unfinished or failing exercise raises instead.
     """
-    if os.environ.get("MTT_LAB_SOLUTIONS") == "1":
-        import importlib.util
-
-        path = Path.cwd() / "solutions" / f"{notebook}.py"
-        spec = importlib.util.spec_from_file_location(f"solutions_{notebook}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        check(getattr(module, name))
-        print(f"reference solution {path.name}::{name} passes the check")
-        return True
+    strict = os.environ.get("MTT_LAB_SOLUTIONS") == "1"
     try:
         check(attempt)
     except NotImplementedError:
-        print(f"Exercise {name!r} is not done yet: fill in the function above and run this cell again "
-              f"(a solution is in notebooks/solutions/{notebook}.py).")
+        if strict:
+            raise
+        print(f"Exercise {name!r} is not done yet: replace `raise NotImplementedError` in the cell above with your "
+              f"code, then run that cell and this one again.")
+        return False
+    except AssertionError as exc:
+        if strict:
+            raise
+        print(f"Not yet: {name} runs but fails the check: {exc or 'a check did not hold'}. Fix it and run again.")
         return False
     print(f"Well done: {name} passes the check.")
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference versions of the exercises that later sections build on (used while the exercise is not done)
+
+
+def train_and_track(images, labels, test, lr, epochs, every, seed=0, model="ConvNet", model_kwargs=None):
+    """The evaluation protocol for one network, with the test accuracy every ``every`` epochs.
+
+    Returns ``[(epoch, accuracy), ...]`` for epochs ``every, 2 * every, ..., epochs``; the last entry
+    equals ``evaluate_synset(..., runs=1, seed=seed)`` because the random draws happen in the same
+    order: the global seed before the network is built, then one generator for shuffling and DSA.
+    """
+    from .augment import default_strategy
+    from .models import get_model
+    from .train import accuracy, train_epoch
+
+    images, labels = images.detach().to(test.device, torch.float32), labels.detach().to(test.device)
+    torch.manual_seed(seed)
+    net = get_model(model, test.channels, test.num_classes, test.image_size, **(model_kwargs or {})).to(test.device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    strategy = default_strategy(test.name)
+    curve = []
+    for epoch in range(1, epochs + 1):
+        train_epoch(net, optimizer, images, labels, 256, generator, strategy)
+        scheduler.step()
+        if epoch % every == 0 or epoch == epochs:
+            curve.append((epoch, accuracy(net, test.images, test.labels)))
+    return curve
+
+
+def dd_replay(fn, theta0: torch.Tensor, images, labels, lrs) -> torch.Tensor:
+    """``theta0 [P]`` -> ``theta_N [P]`` (detached): one full-batch SGD step per step size in ``lrs``.
+
+    theta_{i+1} = theta_i - lrs[i] * grad_theta CE(fn(theta_i, images), labels).
+    """
+    import torch.nn.functional as F
+
+    theta = theta0.detach()
+    for eta in lrs:
+        theta = theta.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(fn(theta, images), labels), theta)
+        theta = (theta - eta * grad).detach()
+    return theta
+
+
+# ----------------------------------------------------------------------------------------------
+# Student versions: the course notebooks without their solutions (nbgrader's markers)
+
+SOLUTION_BEGIN, SOLUTION_END = "### BEGIN SOLUTION", "### END SOLUTION"
+CODE_STUB = "raise NotImplementedError  # your code here"
+TEXT_STUB = "*Your answer here.*"
+
+
+def strip_solutions(source: str, stub: str = CODE_STUB) -> str:
+    """``source`` with every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region replaced by ``stub``.
+
+    The stub takes the indentation of the BEGIN line (as nbgrader's ClearSolutions does), so a
+    function body stays a valid function body. An unclosed region is an error naming its line.
+    """
+    out, start = [], None
+    for number, line in enumerate(source.splitlines(), 1):
+        marker = line.strip()
+        if marker == SOLUTION_BEGIN:
+            if start is not None:
+                raise ValueError(f"line {number}: {SOLUTION_BEGIN} inside the region opened on line {start}")
+            start = number
+            out.append(line[: len(line) - len(line.lstrip())] + stub)
+        elif marker == SOLUTION_END:
+            if start is None:
+                raise ValueError(f"line {number}: {SOLUTION_END} without a {SOLUTION_BEGIN}")
+            start = None
+        elif start is None:
+            out.append(line)
+    if start is not None:
+        raise ValueError(f"line {start}: {SOLUTION_BEGIN} is never closed by {SOLUTION_END}")
+    return "\n".join(out)
+
+
+def student_notebook(notebook: dict) -> dict:
+    """A notebook (as parsed JSON, nbformat 4) with its solutions stripped and its outputs cleared."""
+    student = {**notebook, "cells": []}
+    for cell in notebook["cells"]:
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        cell = {**cell, "source": strip_solutions(source, CODE_STUB if cell["cell_type"] == "code" else TEXT_STUB)}
+        if cell["cell_type"] == "code":
+            cell.update(outputs=[], execution_count=None)
+        student["cells"].append(cell)
+    return student
+
+
+def write_student_versions(out: Path, notebooks: Path | None = None) -> list[Path]:
+    """Write the student version of every ``notebooks/*.ipynb`` (and the cheat-sheet) into ``out``."""
+    import json
+    import shutil
+
+    notebooks = Path(notebooks or Path(__file__).resolve().parent.parent / "notebooks")
+    sources = sorted(notebooks.glob("*.ipynb"))
+    if not sources:
+        raise FileNotFoundError(f"no notebooks (*.ipynb) in {notebooks}")
+    out = Path(out)
+    if out.resolve() == notebooks.resolve():
+        raise ValueError(f"the student versions would overwrite the course notebooks in {notebooks}; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sources:
+        student = student_notebook(json.loads(path.read_text(encoding="utf-8")))
+        target = out / path.name
+        target.write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(target)
+    for extra in ("CHEATSHEET.md",):
+        if (notebooks / extra).is_file():
+            shutil.copyfile(notebooks / extra, out / extra)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mtt_lab.course student-versions OUT``: the notebooks without solutions, into OUT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mtt_lab.course", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    student = commands.add_parser("student-versions", help="write the notebooks without their solutions")
+    student.add_argument("out", type=Path, help="folder for the student notebooks (created if missing)")
+    student.add_argument("--notebooks", type=Path, default=None, help="the course notebooks (default: the repository's)")
+    args = parser.parse_args(argv)
+    for path in write_student_versions(args.out, args.notebooks):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ Every function returns a static ``go.Figure``; the live versions in :mod:`mtt_la
 wrap the same traces in a ``go.FigureWidget`` and update them in place.
 
 Images
-    :func:`mosaic` lays a synthetic set out as one row per class (a numpy array in [0, 1]);
+    :func:`mosaic` lays a synthetic set out as classes x images (2 x 5 for one image per class);
     :func:`image_grid` shows it as a figure and :func:`grid_png` encodes it as PNG bytes.
 Trajectories
     :func:`fit_pca` finds the top principal directions of the experts' snapshots theta*_e;
@@ -17,6 +17,7 @@ Training signals
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,50 +65,76 @@ def class_of(labels: Tensor | int | None, n: int, num_classes: int) -> Tensor:
     return labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
 
 
+def mosaic_shape(num_classes: int, per_class: int) -> tuple[int, int]:
+    """(rows, columns) of image cells: classes x ``per_class``, except one image per class.
+
+    With one image per class a single column would be tall and thin, so the classes wrap into a
+    block about 2.5 times as wide as tall: 2 x 5 for ten classes.
+    """
+    if per_class > 1:
+        return num_classes, per_class
+    columns = min(num_classes, math.ceil(math.sqrt(2.5 * num_classes)))
+    return math.ceil(num_classes / columns), columns
+
+
 def mosaic(images: Tensor, dataset: ImageDataset, labels: Tensor | int | None = None, pad: int = 1,
            background: float = 1.0) -> np.ndarray:
-    """One row per class, images of that class left to right, ``pad`` pixels of ``background`` between.
+    """The synthetic set as one picture, ``pad`` pixels of ``background`` between images.
 
     images: model-space ``[n, c, h, w]`` (denormalised with ``dataset``, ZCA undone); labels: see
-    :func:`class_of`. Returns float32 ``[C * (h + pad) - pad, K * (w + pad) - pad, c]`` in [0, 1],
-    K = the largest class count; image k of class r starts at row ``r * (h + pad)``, column
-    ``k * (w + pad)``.
+    :func:`class_of`. With K images in the largest class, K > 1 gives one row per class, its images
+    left to right; K = 1 wraps the classes row by row into :func:`mosaic_shape` (2 x 5 for ten).
+    Returns float32 ``[R * (h + pad) - pad, Q * (w + pad) - pad, c]`` in [0, 1] for R x Q cells; cell
+    (i, j) starts at row ``i * (h + pad)``, column ``j * (w + pad)``.
     """
     pixels = dataset.denormalize(images.detach().to("cpu", torch.float32))
     classes = class_of(labels, len(pixels), dataset.num_classes)
     _, c, h, w = pixels.shape
-    columns = max(int(torch.bincount(classes, minlength=dataset.num_classes).max()), 1)
-    cells = torch.full((dataset.num_classes, columns, c, h + pad, w + pad), background)
+    per_class = max(int(torch.bincount(classes, minlength=dataset.num_classes).max()), 1)
+    rows, columns = mosaic_shape(dataset.num_classes, per_class)
+    cells = torch.full((rows * columns, c, h + pad, w + pad), background)
     for r in range(dataset.num_classes):
         members = pixels[classes == r]
-        cells[r, :len(members), :, :h, :w] = members
-    grid = rearrange(cells, "r k c h w -> (r h) (k w) c")
+        first = r * per_class if per_class > 1 else r  # class r's first cell, counted row by row
+        cells[first:first + len(members), :, :h, :w] = members
+    grid = rearrange(cells, "(r k) c h w -> (r h) (k w) c", r=rows)
     return grid[: grid.shape[0] - pad, : grid.shape[1] - pad].numpy()
 
 
 def image_grid(images: Tensor, labels: Tensor | int | None, dataset: ImageDataset, title: str | None = None
                ) -> go.Figure:
-    """The synthetic set as a figure: one row per class, named on the y axis.
+    """The synthetic set as a figure (the :func:`mosaic` layout), every image's class named.
 
     images ``[n, c, h, w]`` in model space; labels: ``[n]``, ``[n, C]``, an ipc or ``None``.
     Grey-scale sets are drawn as a heatmap (hover shows the pixel value), colour sets as ``go.Image``.
     """
     pad = 1
     grid = mosaic(images, dataset, labels, pad)
-    h = images.shape[-2]
+    h, w = images.shape[-2:]
+    classes = class_of(labels, len(images), dataset.num_classes)
+    per_class = max(int(torch.bincount(classes, minlength=dataset.num_classes).max()), 1)
     if grid.shape[-1] == 1:
         trace = go.Heatmap(z=grid[..., 0], colorscale="gray", zmin=0, zmax=1, showscale=False,
                            hovertemplate="row %{y}, col %{x}: %{z:.2f}<extra></extra>")
     else:
         trace = go.Image(z=(grid * 255).round().astype(np.uint8))
     fig = go.Figure(trace)
-    rows = [r * (h + pad) + (h - 1) / 2 for r in range(dataset.num_classes)]
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", tickvals=rows, ticktext=dataset.class_names,
-                     showgrid=False, zeroline=False)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    if per_class > 1:  # one row per class: its name on the y axis
+        rows = [r * (h + pad) + (h - 1) / 2 for r in range(dataset.num_classes)]
+        fig.update_yaxes(tickvals=rows, ticktext=dataset.class_names)
+    else:  # wrapped: each class named in its image's corner
+        _, columns = mosaic_shape(dataset.num_classes, 1)
+        for r, name in enumerate(dataset.class_names):
+            fig.add_annotation(x=(r % columns) * (w + pad) - 0.5, y=(r // columns) * (h + pad) - 0.5, text=name,
+                               showarrow=False, xanchor="left", yanchor="top", bgcolor="white",
+                               font=dict(size=11, color="black"))
+        fig.update_yaxes(showticklabels=False)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False, zeroline=False)
     zoom = min(max(600 / max(grid.shape[:2]), 1), 8)  # screen pixels per image pixel
     top = 40 if title else 10
-    fig.update_layout(title=title, width=max(250, zoom * grid.shape[1] + 80), height=zoom * grid.shape[0] + top + 20,
+    title_width = 9 * len(title or "") + 40  # about 9 screen pixels per character at plotly's title size
+    fig.update_layout(title=title, width=max(250, zoom * grid.shape[1] + 80, title_width), height=zoom * grid.shape[0] + top + 20,
                       margin=dict(l=60, r=20, t=top, b=10), plot_bgcolor="white")
     return fig
 
@@ -213,6 +240,8 @@ def trajectory_traces(coords: Tensor, test_acc: Sequence[Sequence[float]], dims:
                       experts: Iterable[int] | None = None, epochs: Sequence[int] | None = None) -> list:
     """One line per expert through its snapshots, a marker per epoch (bigger as training goes on).
 
+    The first and last epoch drawn are labelled ("epoch 0", "epoch E"), so the direction of training reads at once.
+
     coords ``[experts, E + 1, k]`` (:func:`project_store`); test_acc: per expert, ``E + 1`` accuracies.
     """
     experts = range(len(coords)) if experts is None else experts
@@ -220,8 +249,10 @@ def trajectory_traces(coords: Tensor, test_acc: Sequence[Sequence[float]], dims:
     traces = []
     for i in experts:
         accuracy = [100 * test_acc[i][e] for e in epochs]
+        ends = [f"epoch {e}" if j in (0, len(epochs) - 1) else "" for j, e in enumerate(epochs)]
         traces.append(_scatter(
-            coords[i, epochs], dims, mode="lines+markers", name=f"expert {i}", legendgroup=f"expert {i}",
+            coords[i, epochs], dims, mode="lines+markers+text", name=f"expert {i}", legendgroup=f"expert {i}",
+            text=ends, textposition="top center", textfont=dict(color=expert_colour(i), size=11),
             line=dict(color=expert_colour(i)),
             marker=dict(color=expert_colour(i), size=[4 + 8 * e / max(max(epochs), 1) for e in epochs]),
             customdata=list(zip(epochs, accuracy)),
@@ -236,14 +267,14 @@ def overlay_traces(overlay: Overlay | None, dims: int = 2) -> list:
     student, start, target = ((overlay.student, overlay.start[None], overlay.target[None]) if overlay
                               else (empty, empty, empty))
     return [
-        _scatter(student, dims, mode="lines+markers", name="student θ_0..θ_N",
+        _scatter(student, dims, mode="lines+markers", name="student θ̂<sub>0</sub> … θ̂<sub>N</sub>",
                  line=dict(color=STUDENT_COLOUR, dash="dot"), marker=dict(color=STUDENT_COLOUR, size=4),
                  hovertemplate="student step %{pointNumber}<extra></extra>"),
-        _scatter(start, dims, mode="markers", name="start θ*_t",
+        _scatter(start, dims, mode="markers", name="start θ*<sub>t</sub>",
                  marker=dict(color=STUDENT_COLOUR, size=12, symbol="circle-open", line=dict(width=3)),
-                 hovertemplate="θ*_t<extra></extra>"),
-        _scatter(target, dims, mode="markers", name="target θ*_{t+M}",
-                 marker=dict(color="crimson", size=10, symbol="diamond"), hovertemplate="θ*_{t+M}<extra></extra>"),
+                 hovertemplate="θ*<sub>t</sub><extra></extra>"),
+        _scatter(target, dims, mode="markers", name="target θ*<sub>t+M</sub>",
+                 marker=dict(color="crimson", size=10, symbol="diamond"), hovertemplate="θ*<sub>t+M</sub><extra></extra>"),
     ]
 
 
@@ -287,7 +318,7 @@ def step_size_figure(store: TrajectoryStore) -> go.Figure:
     Most of the movement and of the accuracy gain come in the first epochs; MTT draws its start
     epochs from that early part of the trajectories by capping them at T+.
     """
-    titles = ("parameter step ||θ*_e − θ*_{e−1}||", "test accuracy (%)")
+    titles = ("parameter step ‖θ*<sub>e</sub> − θ*<sub>e−1</sub>‖", "test accuracy (%)")
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for i in range(len(store)):
         trajectory = store[i]
@@ -307,19 +338,51 @@ def _field(record: StepRecord | Mapping, name: str):
     return record[name] if isinstance(record, Mapping) else getattr(record, name)
 
 
-def curves_figure(records: Sequence[StepRecord | Mapping] = ()) -> go.Figure:
-    """The matching loss (top) and the learned step size alpha (bottom) against the iteration.
+def running_mean(values: Sequence[float], window: int = 10) -> list[float]:
+    """Mean of the last ``window`` values at every position (fewer at the start), same length as ``values``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    # mean_i = (S_i - S_{max(i - window, 0)}) / (i - max(i - window, 0)),  S_i = v_1 + ... + v_i
+    return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
 
-    Two traces, in that order; the dashboard extends their x / y as the run goes.
+
+def change_marks(changes: Sequence[tuple[float, str]]) -> tuple[list[dict], list[dict]]:
+    """Layout shapes and annotations marking setting changes: a dotted vertical line at each x, its text on top.
+
+    changes: ``(x, text)`` pairs, e.g. ``(40.5, "N 10 → 5")`` for a change applied after iteration 40.
+    """
+    shapes = [dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                   line=dict(color="gray", width=1, dash="dot")) for x, _ in changes]
+    notes = [dict(x=x, xref="x", y=1, yref="y domain", text=text, showarrow=False, xanchor="left", yanchor="top",
+                  font=dict(size=10, color="dimgray"), bgcolor="rgba(255,255,255,0.7)") for x, text in changes]
+    return shapes, notes
+
+
+def curves_figure(records: Sequence[StepRecord | Mapping] = (), window: int = 10,
+                  changes: Sequence[tuple[float, str]] = ()) -> go.Figure:
+    """The matching loss with its running mean (top) and the learned step size α (bottom) per iteration.
+
+    Three traces, in that order: loss, α, the mean of the last ``window`` losses; the dashboard
+    extends their x / y as the run goes. ``changes``: see :func:`change_marks`.
     """
     iterations = [_field(r, "iteration") for r in records]
+    losses = [_field(r, "loss") for r in records]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("matching loss", "student step size α"))
-    fig.add_trace(go.Scatter(x=iterations, y=[_field(r, "loss") for r in records], mode="lines", name="loss"), 1, 1)
+    fig.add_trace(go.Scatter(x=iterations, y=losses, mode="lines", name="loss", line=dict(color="lightsteelblue")),
+                  1, 1)
     fig.add_trace(go.Scatter(x=iterations, y=[_field(r, "syn_lr") for r in records], mode="lines", name="α",
                              line=dict(color="darkorange")), 2, 1)
+    fig.add_trace(go.Scatter(x=iterations, y=running_mean(losses, window), mode="lines",
+                             name=f"mean of the last {window}", line=dict(color="navy", width=2.5)), 1, 1)
+    shapes, notes = change_marks(changes)
     fig.update_xaxes(title_text="iteration", row=2, col=1)
-    fig.update_layout(height=420, showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(height=420, showlegend=True, legend=dict(orientation="h", x=0, y=-0.18),
+                      margin=dict(l=10, r=20, t=50, b=10), shapes=shapes,
+                      annotations=list(fig.layout.annotations) + notes)
     return fig
 
 
@@ -328,14 +391,16 @@ def accuracy_bars(results: Mapping[str, Sequence[float] | EvalResult], title: st
 
     results: name -> accuracies in [0, 1] of several runs, or an :class:`EvalResult`.
     """
-    names, means, stds = [], [], []
+    names, means, stds, texts = [], [], [], []
     for name, result in results.items():
         runs = result.accuracies if isinstance(result, EvalResult) else result
         names.append(name)
         means.append(100 * statistics.fmean(runs))
+        # one run has no spread to show: say "1 run" rather than a "± 0.0" that looks like a measurement
         stds.append(100 * statistics.pstdev(runs) if len(runs) > 1 else 0.0)
+        texts.append(f"{means[-1]:.1f} ± {stds[-1]:.1f}" if len(runs) > 1 else f"{means[-1]:.1f} (1 run)")
     fig = go.Figure(go.Bar(x=names, y=means, error_y=dict(type="data", array=stds, visible=True),
-                           text=[f"{m:.1f} ± {s:.1f}" for m, s in zip(means, stds)], textposition="inside"))
+                           text=texts, textposition="inside"))
     fig.update_layout(title=title, yaxis=dict(title_text="test accuracy (%)", range=[0, 105]), height=380)
     return fig
 
@@ -348,4 +413,64 @@ def sweep_heatmap(values, Ns: Sequence[int], Ms: Sequence[int], title: str | Non
     fig = go.Figure(go.Heatmap(z=z, x=[str(m) for m in Ms], y=[str(n) for n in Ns], colorscale="Viridis",
                                texttemplate="%{z:.3g}", hovertemplate="N = %{y}, M = %{x}: %{z}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="M (expert epochs)", yaxis_title="N (student steps)", height=380)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The method as a picture
+
+
+def mtt_iteration_figure(syn_steps: int = 10, expert_epochs: int = 2, max_start_epoch: int = 3, epochs: int = 4,
+                         start_epoch: int = 1) -> go.Figure:
+    """A diagram of one MTT iteration, drawn for the given N, M, T+, E and start epoch t.
+
+    A schematic, not data: the expert's path θ*_0 … θ*_E with steps that shrink as training goes
+    on, the start epochs t < T+ that may be drawn, the student's N steps from θ*_t, the target
+    θ*_{t+M}, and the two distances whose ratio is the loss. The arguments are checked the way
+    :meth:`DistillConfig.validate` checks them, so the picture cannot show an impossible setting.
+    """
+    if not (syn_steps >= 1 and expert_epochs >= 1 and 0 <= start_epoch < max_start_epoch
+            and max_start_epoch - 1 + expert_epochs <= epochs):
+        raise ValueError(f"need N, M >= 1, 0 <= t < T+ and T+ - 1 + M <= E; got N = {syn_steps}, M = {expert_epochs}, "
+                         f"t = {start_epoch}, T+ = {max_start_epoch}, E = {epochs}")
+    # the expert: arc length s_e = sum of steps 0.75^k (shrinking, like real experts), on a gentle curve
+    s = np.concatenate([[0.0], np.cumsum(0.75 ** np.arange(epochs))])
+    expert = np.stack([s, 0.45 * np.sin(1.3 * s)], axis=1)
+    start, target = expert[start_epoch], expert[start_epoch + expert_epochs]
+    # the student: N steps toward the target that stop short of it and stray off the path
+    chord = target - start
+    normal = np.array([-chord[1], chord[0]]) / max(np.linalg.norm(chord), 1e-9)
+    f = np.arange(syn_steps + 1) / syn_steps
+    student = start + 0.7 * f[:, None] * chord + 0.25 * np.linalg.norm(chord) * (f * (1.4 - f))[:, None] * normal
+    end = student[-1]
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=expert[:, 0], y=expert[:, 1], mode="lines+markers+text", name="expert θ*<sub>0</sub> … θ*<sub>E</sub>",
+                             line=dict(color=expert_colour(0), width=3), marker=dict(size=9, color=expert_colour(0)),
+                             text=[f"θ*<sub>{e}</sub>" for e in range(epochs + 1)], textposition="bottom center",
+                             hoverinfo="skip"))
+    starts = expert[:max_start_epoch]
+    fig.add_trace(go.Scatter(x=starts[:, 0], y=starts[:, 1], mode="markers", name=f"possible starts t < T+ = {max_start_epoch}",
+                             marker=dict(size=22, color="rgba(99,110,250,0.3)", line=dict(width=0)), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=student[:, 0], y=student[:, 1], mode="lines+markers", name=f"student: N = {syn_steps} steps of size α",
+                             line=dict(color=STUDENT_COLOUR, dash="dot"), marker=dict(size=5, color=STUDENT_COLOUR),
+                             hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[start[0]], y=[start[1]], mode="markers", name=f"start θ*<sub>t</sub> (t = {start_epoch})",
+                             marker=dict(size=16, symbol="circle-open", color=STUDENT_COLOUR, line=dict(width=3)),
+                             hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[target[0]], y=[target[1]], mode="markers", name=f"target θ*<sub>t+M</sub> (M = {expert_epochs})",
+                             marker=dict(size=14, symbol="diamond", color="crimson"), hoverinfo="skip"))
+    for a, b, colour, text, shift in [(end, target, "crimson", "‖θ̂<sub>N</sub> − θ*<sub>t+M</sub>‖²: numerator", 0),
+                                      (start, target, "gray", "‖θ*<sub>t</sub> − θ*<sub>t+M</sub>‖²: denominator", -18)]:
+        fig.add_trace(go.Scatter(x=[a[0], b[0]], y=[a[1], b[1]], mode="lines", showlegend=False, hoverinfo="skip",
+                                 line=dict(color=colour, dash="dash", width=1.5)))
+        fig.add_annotation(x=(a[0] + b[0]) / 2, y=(a[1] + b[1]) / 2, text=text, showarrow=False, yshift=shift,
+                           xshift=0 if shift else 18, xanchor="center" if shift else "left", font=dict(size=12, color=colour))
+    fig.add_annotation(x=end[0], y=end[1], text="θ̂<sub>N</sub>", showarrow=True, arrowhead=0, ax=0, ay=-30)
+    fig.update_layout(
+        title=dict(text="One MTT iteration: loss = ‖θ̂<sub>N</sub> − θ*<sub>t+M</sub>‖² / ‖θ*<sub>t</sub> − θ*<sub>t+M</sub>‖²,"
+                   " backpropagated through the N steps into the pixels and α", font=dict(size=14)),
+        height=440, width=900, margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white",
+        legend=dict(orientation="h", x=0, y=-0.02, yanchor="top"),
+        xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor="x"))
     return fig

@@ -27,11 +27,12 @@ import plotly.graph_objects as go
 from .distill import Distiller, StepRecord
 from .experts import TrajectoryStore
 from .viz import (
-    PCA, Overlay, curves_figure, fit_pca, grid_png, overlay_traces, pca_layout, project_record, project_store,
-    trajectory_traces,
+    PCA, Overlay, change_marks, curves_figure, fit_pca, grid_png, overlay_traces, pca_layout, project_record,
+    project_store, running_mean, trajectory_traces,
 )
 
 MIN_REFRESH_SECONDS = 0.2  # at most 5 image / curve updates per second while running
+SETTINGS = {"syn_steps": "N", "expert_epochs": "M", "max_start_epoch": "T+", "lr_img": "lr_img"}  # slider -> label
 
 
 def _slider(kind, description: str, **kwargs):
@@ -45,16 +46,20 @@ class DistillDashboard:
 
     Start runs steps in a background thread until Pause (or ``config.iterations``); ``await
     dash.run_async(n)`` runs n steps in the cell itself, yielding to the kernel between steps.
-    Slider changes are applied with ``distiller.update`` before the next step; a combination the
-    store cannot serve (T+ - 1 + M > E) is reported in the dashboard and leaves the run unchanged.
-    Reset restores the distiller as it was when the dashboard was made.
+    Slider changes are applied with ``distiller.update`` before the next step and marked on the
+    curves; a combination the store cannot serve (T+ - 1 + M > E) is reported in the dashboard,
+    the sliders snap back to the values in use and the run goes on unchanged. Code that drives
+    the dashboard (``step()``, ``run_async()``) while Start's run is going pauses that run first
+    and says so. Reset restores the distiller as it was when the dashboard was made and clears
+    the curves, their axes, the marks and the messages.
     """
 
-    def __init__(self, distiller: Distiller, update_every: int = 1, scale: int = 2):
+    def __init__(self, distiller: Distiller, update_every: int = 1, scale: int = 3, window: int = 10):
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
-        self.distiller, self.update_every, self.scale = distiller, update_every, scale
+        self.distiller, self.update_every, self.scale, self.window = distiller, update_every, scale, window
         self.records: list[StepRecord] = []
+        self.changes: list[tuple[float, str]] = []  # (x on the curves, "N 10 → 5"): settings changed there
         self.error: Exception | None = None  # the exception that stopped the last run
         self._initial = copy.deepcopy(distiller.state_dict())
         self._busy = threading.Lock()  # held while a step or an update touches the distiller
@@ -91,10 +96,12 @@ class DistillDashboard:
         self.message = widgets.HTML()
         self.error_box = widgets.HTML()
         self.image = widgets.Image(format="png")
-        self.curves = go.FigureWidget(curves_figure())
-        self.curves.update_layout(width=560, height=400)
+        self.curves = go.FigureWidget(curves_figure(window=window))
+        self.curves.update_layout(width=520, height=460)
+        self._titles = tuple(self.curves.layout.annotations)  # the subplot titles; change marks come after
         for w, name in [(self.status, "status"), (self.image, "grid"), (self.n_slider, "n-slider"),
-                        (self.message, "message"), (self.error_box, "error"), (self.curves, "curves")]:
+                        (self.m_slider, "m-slider"), (self.t_slider, "t-slider"), (self.message, "message"),
+                        (self.error_box, "error"), (self.curves, "curves")]:
             w.add_class(f"mtt-{name}")
         self.widget = widgets.VBox([
             widgets.HBox([self.start_button, self.pause_button, self.step_button, self.reset_button]),
@@ -136,14 +143,19 @@ class DistillDashboard:
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def step(self) -> StepRecord | None:
-        """One step now (ignored while a run is going). Errors are shown, not raised."""
+    def step(self, return_path: bool = False) -> StepRecord | None:
+        """One step now; a run started with Start is paused first (and the cell says so).
+
+        Returns the step's record (with ``student_path`` if ``return_path``), or None when the
+        step failed (the error is shown in the dashboard, not raised) or another cell's
+        ``run_async`` is going (the message says so).
+        """
+        note = self._pause_for_code("step()")
         if self.running:
-            self._say("A run is going; press Pause before stepping by hand.")
             return None
-        self._begin_run()
+        self._begin_run(note)
         try:
-            return self._one_step()
+            return self._one_step(return_path)
         except Exception as exc:
             self._show_error(exc)
             return None
@@ -154,11 +166,13 @@ class DistillDashboard:
         """Run ``iterations`` steps in this cell, awaiting the event loop between steps.
 
         ``await dash.run_async(20)``: slider and button events are handled between steps, so
-        Pause stops the loop early. Returns the new records; errors are shown, not raised.
+        Pause stops the loop early. A run started with Start is paused first (and the cell says
+        so). Returns the new records; errors are shown, not raised.
         """
+        note = self._pause_for_code(f"run_async({iterations})")
         if self.running:
-            raise RuntimeError("a run is already going; pause it before starting another")
-        self._begin_run()
+            return []
+        self._begin_run(note)
         done = []
         try:
             for _ in range(iterations):
@@ -179,16 +193,35 @@ class DistillDashboard:
             self.distiller.load_state_dict(copy.deepcopy(self._initial))
             self._pending = None
         self.records.clear()
+        self.changes.clear()
         self._run_steps = 0
         self.error, self.error_box.value = None, ""
         self._sync_sliders()
-        self._say("Reset to the initial images.")
+        with self.curves.batch_update():  # forget ranges from the old run (or from zooming)
+            self.curves.update_xaxes(autorange=True)
+            self.curves.update_yaxes(autorange=True)
+        self._say("Reset to the initial images and settings.")
         self._refresh(force=True)
 
     # -- the run ------------------------------------------------------------------------------
-    def _begin_run(self) -> None:
+    def _pause_for_code(self, what: str) -> str:
+        """Pause Start's run before code drives the dashboard; returns the note shown (and printed)."""
+        if not self.running:
+            return ""
+        if self._thread is None or not self._thread.is_alive():
+            note = f"{what} did nothing: another cell is running the dashboard; wait for it or press Pause."
+        else:
+            self.pause(wait=True)
+            note = (f"The dashboard was running: paused it at iteration {self.distiller.iteration} so that {what} "
+                    f"can run from this cell. Press Start to continue the run.")
+        print(note)
+        self._say(note)
+        return note
+
+    def _begin_run(self, note: str = "") -> None:
         self._active = True
         self._stop.clear()
+        self._say(note)  # messages from before this run are out of date
         self.error, self.error_box.value = None, ""
         self._run_started, self._run_steps = time.perf_counter(), 0
         self._set_buttons(running=True)
@@ -212,11 +245,11 @@ class DistillDashboard:
         finally:
             self._end_run()
 
-    def _one_step(self) -> StepRecord:
+    def _one_step(self, return_path: bool = False) -> StepRecord:
         """Apply pending slider values, take one distillation step, update the display."""
         with self._busy:
             self._apply_pending()
-            record = self.distiller.step()
+            record = self.distiller.step(return_path=return_path)
         self.records.append(record)
         self._run_steps += 1
         self._refresh(force=False)
@@ -248,21 +281,34 @@ class DistillDashboard:
                 self._apply_pending()
             finally:
                 self._busy.release()
-            self._refresh_status()
+            self._refresh(force=True)  # the status line and the change mark
         else:
             self._say("New settings apply from the next step.")
 
     def _apply_pending(self) -> None:
-        """``distiller.update`` with the pending slider values (call with ``_busy`` held)."""
+        """``distiller.update`` with the pending slider values (call with ``_busy`` held).
+
+        A refused combination puts the sliders back to the values in use; an accepted change is
+        marked on the curves halfway between the last iteration and the next.
+        """
         changes, self._pending = self._pending, None
         if changes is None:
             return
+        old = {name: getattr(self.distiller.config, name) for name in SETTINGS}
         try:
             self.distiller.update(**changes)
         except ValueError as exc:
-            self._say(f"Not applied: {exc}", error=True)
-        else:
-            self._say("")
+            self._sync_sliders()
+            c = self.distiller.config
+            hint = " To raise M, lower T+ first (or the other way round)." if "T+ - 1 + M" in str(exc) else ""
+            self._say(f"Not applied: {exc}. The sliders are back at the values in use (N = {c.syn_steps}, "
+                      f"M = {c.expert_epochs}, T+ = {c.max_start_epoch}).{hint}", error=True)
+            return
+        moved = [f"{label} {_short(old[name])} → {_short(changes[name])}" for name, label in SETTINGS.items()
+                 if changes[name] != old[name]]
+        if moved:
+            self.changes.append((self.distiller.iteration + 0.5, ", ".join(moved)))
+        self._say("")
 
     # -- display -------------------------------------------------------------------------------
     def _say(self, text: str, error: bool = False) -> None:
@@ -295,11 +341,20 @@ class DistillDashboard:
         self._last_refresh = now
         d = self.distiller
         self.image.value = grid_png(d.images, d.train, self.scale, labels=d.labels)
-        iterations = [r.iteration for r in self.records]
+        iterations, losses = [r.iteration for r in self.records], [r.loss for r in self.records]
+        shapes, notes = change_marks(self.changes)
         with self.curves.batch_update():
-            loss, alpha = self.curves.data
-            loss.x, loss.y = iterations, [r.loss for r in self.records]
+            loss, alpha, mean = self.curves.data
+            loss.x, loss.y = iterations, losses
             alpha.x, alpha.y = iterations, [r.syn_lr for r in self.records]
+            mean.x, mean.y = iterations, running_mean(losses, self.window)
+            self.curves.layout.shapes = shapes
+            self.curves.layout.annotations = self._titles + tuple(notes)
+
+
+def _short(value) -> str:
+    """A setting for a change mark: integers as they are, lr_img with 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 class TrajectoryExplorer:

@@ -1,9 +1,11 @@
 """The dashboard in a real JupyterLab, driven by headless Chromium through Playwright.
 
-The test writes a three-cell notebook into a temporary root, starts JupyterLab there on a free
-local port with a token, opens the notebook, runs all cells from the Run menu, presses Start,
-moves the N slider with the keyboard and checks that the picture keeps changing and that the
-distiller reports the new N in the status line. It saves ``assets/dashboard.png`` and
+The test writes a small notebook into a temporary root, starts JupyterLab there on a free local
+port with a token and follows the prose the way a learner would: run the first cells, press
+Start, move the N slider, then run the next cells, which drive the same dashboard from code,
+while it is still running. It checks the DOM: those cells pause the run and say so (no
+traceback), the distiller reports the new N, and an M the experts cannot serve is refused in red
+while its slider snaps back to the M in use. It saves ``assets/dashboard.png`` and
 ``assets/trajectory_pca.png`` for the README.
 
 Needs Debian's Chromium at /usr/bin/chromium (Playwright cannot download its own browser here);
@@ -48,11 +50,17 @@ torch.set_num_threads(1)
 tiny = ExpertConfig(model_kwargs={"width": 8, "depth": 2}, num_experts=2, epochs=3, device="cpu")
 store = train_experts(tiny, os.environ["MTT_SMOKE_EXPERTS"], progress=False)
 train = load_dataset("mnist10k", "train")
-distiller = Distiller(store, train, DistillConfig(ipc=2, syn_steps=2, expert_epochs=1, max_start_epoch=2,
+distiller = Distiller(store, train, DistillConfig(ipc=1, syn_steps=2, expert_epochs=1, max_start_epoch=2,
                                                   device="cpu", iterations=100_000))""",
     """\
 dash = DistillDashboard(distiller)
 dash""",
+    """\
+done = await dash.run_async(3)
+print(f"async: {len(done)} steps")""",
+    """\
+record = dash.step()
+print(f"step: N = {record.syn_steps}")""",
     """\
 replay = Distiller(store, train, DistillConfig(syn_steps=6, expert_epochs=2, max_start_epoch=2, device="cpu"))
 records = [replay.step(return_path=True) for _ in range(3)]
@@ -140,18 +148,17 @@ def wait_until(page, condition, what: str, timeout_s: float = 60) -> None:
         page.wait_for_timeout(100)
 
 
-def run_all_cells(page, attempts: int = 3, seconds: float = 20) -> None:
-    """Run > Run All Cells until the first cell is queued ([*] or a count in its prompt).
+def run_cell(page, index: int, attempts: int = 3, seconds: float = 20) -> None:
+    """Click into cell ``index`` and press Shift+Enter until it is queued ([*] or a count in its prompt).
 
-    While Lab is still settling the menu item can do nothing, or Lab can ask which kernel to use
+    While Lab is still settling the key press can do nothing, or Lab can ask which kernel to use
     (answered with the preselected one), hence the retries.
     """
-    first_cell = page.locator(".jp-NotebookPanel .jp-Cell").first
-    prompt, dialog = first_cell.locator(".jp-InputPrompt"), page.locator(".jp-Dialog")
+    cell = page.locator(".jp-NotebookPanel .jp-Cell").nth(index)
+    prompt, dialog = cell.locator(".jp-InputPrompt"), page.locator(".jp-Dialog")
     for _ in range(attempts):
-        first_cell.click()  # make the notebook the current widget
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").click()
-        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if dialog.is_visible():
@@ -159,21 +166,27 @@ def run_all_cells(page, attempts: int = 3, seconds: float = 20) -> None:
             if re.search(r"\[[*\d]", prompt.inner_text()):
                 return
             page.wait_for_timeout(200)
-        page.keyboard.press("Escape")  # a menu left open
-    raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts")
+    raise AssertionError(f"cell {index} did not start in {attempts} attempts")
+
+
+def output_text(page, index: int) -> str:
+    return page.locator(".jp-NotebookPanel .jp-Cell").nth(index).locator(".jp-OutputArea").inner_text()
 
 
 def run_dashboard(page, url: str, token: str, assets: Path) -> None:
-    """Open the notebook, run it, press Start, move N, check the live updates, save screenshots."""
+    """Follow the prose: run the dashboard cell, press Start, move N, run the next cells while it runs."""
     page.goto(f"{url}/lab/tree/dashboard_smoke.ipynb?token={token}")
     page.locator('.jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status="idle"]').wait_for()
-    run_all_cells(page)
+    run_cell(page, 0)
+    run_cell(page, 1)
     grid = page.locator("img.mtt-grid")
     grid.wait_for()
     page.locator(".mtt-curves .main-svg").first.wait_for()
-    page.locator(".mtt-explorer .main-svg").first.wait_for()  # the last cell has run
-    assert "iteration 0" in status_text(page) and "N = 2" in status_text(page)
+    wait_until(page, lambda: "iteration 0" in status_text(page), "the dashboard to show")
+    assert "N = 2" in status_text(page)
     first_src = grid.get_attribute("src")
+    size = grid.bounding_box()
+    assert size["width"] > 2 * size["height"] > 0, f"the ten digits should be a 2 x 5 block, got {size}"
 
     page.locator(".mtt-dashboard button", has_text="Start").click()
     wait_until(page, lambda: "running" in status_text(page), "the run to start")
@@ -185,10 +198,30 @@ def run_dashboard(page, url: str, token: str, assets: Path) -> None:
     handle.press("ArrowRight")  # N: 2 -> 3, sent to the kernel on release (continuous_update=False)
     wait_until(page, lambda: "N = 3" in status_text(page), "the distiller to take N = 3")
     wait_until(page, lambda: grid.get_attribute("src") != moving_src, "the images to keep changing")
+    assert "running" in status_text(page)
 
-    page.locator(".mtt-dashboard button", has_text="Pause").click()
-    wait_until(page, lambda: "idle" in status_text(page), "the run to pause")
-    assert int(status_text(page).split()[1]) >= 2 and page.locator(".mtt-error").inner_text().strip() == ""
+    # the next cells, as the prose says, with the dashboard still running
+    for index in (2, 3, 4):
+        run_cell(page, index)
+    page.locator(".mtt-explorer .main-svg").first.wait_for()  # the last cell has run
+    page.locator('.jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status="idle"]').wait_for()
+    assert "paused it at iteration" in output_text(page, 2) and "async: 3 steps" in output_text(page, 2)
+    assert "step: N = 3" in output_text(page, 3)
+    assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    assert "Traceback" not in page.locator(".jp-NotebookPanel").inner_text()
+    assert "idle" in status_text(page) and page.locator(".mtt-error").inner_text().strip() == ""
+    assert page.locator(".mtt-curves .shapelayer path").count() >= 1, "the N change is not marked on the curves"
+
+    # a refused slider value snaps back: T+ = 2 and E = 3 leave room for M = 2 at most
+    m_handle, m_readout = page.locator(".mtt-m-slider .noUi-handle"), page.locator(".mtt-m-slider .widget-readout")
+    assert m_readout.inner_text().strip() == "1"
+    m_handle.focus()
+    m_handle.press("End")  # M = 3
+    wait_until(page, lambda: "Not applied" in page.locator(".mtt-message").inner_text(), "the refusal")
+    wait_until(page, lambda: m_readout.inner_text().strip() == "1", "the M slider to snap back")
+    assert "M = 1" in status_text(page)
+    assert "lower T+ first" in page.locator(".mtt-message").inner_text()
+
     assets.mkdir(exist_ok=True)
     page.locator(".mtt-dashboard").screenshot(path=str(assets / "dashboard.png"))
     page.locator(".mtt-explorer").screenshot(path=str(assets / "trajectory_pca.png"))

@@ -7,6 +7,8 @@ finds the folder complete and returns at once).
 
 import contextlib
 import io
+import json
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,8 +21,8 @@ from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.viz import (
-    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, project_record, project_store,
-    step_size_figure, sweep_heatmap, trajectory_figure,
+    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, mtt_iteration_figure,
+    project_record, project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
 )
 
 TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
@@ -109,17 +111,43 @@ def test_image_grid_draws_grey_as_heatmap_and_colour_as_image(mnist_train):
     (trace,) = colour.data
     assert isinstance(trace, go.Image)
     z = np.asarray(trace.z)
-    assert z.shape == (14, 4, 3) and z.dtype == np.uint8
-    assert z[0, 0, 0] == 0 and z[5, 0, 0] == 255 and z[10, 0, 0] == 128
+    assert z.shape == (4, 14, 3) and z.dtype == np.uint8  # one image per class: the classes side by side
+    assert z[0, 0, 0] == 0 and z[0, 5, 0] == 255 and z[0, 10, 0] == 128
+    assert [a.text for a in colour.layout.annotations] == ["class 0", "class 1", "class 2"]
+
+
+def test_one_image_per_class_is_a_2x5_block_and_more_is_classes_by_ipc(mnist_train):
+    assert mosaic_shape(10, 1) == (2, 5) and mosaic_shape(10, 3) == (10, 3) and mosaic_shape(3, 1) == (1, 3)
+    images, labels = mnist_train.sample_per_class(1, torch.Generator().manual_seed(0))
+    grid = mosaic(images, mnist_train, labels)
+    assert grid.shape == (2 * 29 - 1, 5 * 29 - 1, 1)
+    pixels = mnist_train.denormalize(images)
+    for c in (0, 4, 5, 9):  # class c sits in row c // 5, column c % 5
+        row, col = divmod(c, 5)
+        np.testing.assert_allclose(grid[row * 29: row * 29 + 28, col * 29: col * 29 + 28, 0], pixels[c, 0], atol=1e-6)
+    fig = image_grid(images, labels, mnist_train)
+    assert [a.text for a in fig.layout.annotations] == mnist_train.class_names
+    picture = Image.open(io.BytesIO(grid_png(images, mnist_train, scale=2)))
+    assert picture.size == (2 * (5 * 29 - 1), 2 * (2 * 29 - 1))  # wider than tall, as in grid.png
+
+    images, labels = mnist_train.sample_per_class(3, torch.Generator().manual_seed(0))
+    three = mosaic(images, mnist_train, labels)
+    assert three.shape == (10 * 29 - 1, 3 * 29 - 1, 1)
+
+
+def test_a_long_title_fits_in_the_image_grid(mnist_train):
+    images, labels = mnist_train.sample_per_class(1, torch.Generator().manual_seed(0))
+    title = "left: random real start · right: distilled, ten classes"
+    assert image_grid(images, labels, mnist_train, title=title).layout.width >= 9 * len(title)
 
 
 def test_grid_png_is_the_scaled_mosaic():
     dataset = toy_dataset(1)
     images = constant_images([0.0, 1.0, 0.6])
     picture = Image.open(io.BytesIO(grid_png(images, dataset, scale=3)))
-    assert picture.format == "PNG" and picture.size == (4 * 3, 14 * 3)
+    assert picture.format == "PNG" and picture.size == (14 * 3, 4 * 3)
     pixels = np.asarray(picture)
-    assert pixels[0, 0] == 0 and pixels[5 * 3, 0] == 255 and pixels[10 * 3 + 2, 11] == round(0.6 * 255)
+    assert pixels[0, 0] == 0 and pixels[0, 5 * 3] == 255 and pixels[11, 10 * 3 + 2] == round(0.6 * 255)
 
 
 # -- trajectories --------------------------------------------------------------------------------
@@ -191,11 +219,49 @@ def test_step_size_figure(tiny_store):
 
 
 def test_curves_figure_takes_records_and_dicts(records):
-    fig = curves_figure([records[0], records[1].as_dict()])
-    loss, alpha = fig.data
-    assert list(loss.x) == [1, 2] and list(alpha.x) == [1, 2]
+    fig = curves_figure([records[0], records[1].as_dict()], window=5)
+    loss, alpha, mean = fig.data
+    assert list(loss.x) == [1, 2] and list(alpha.x) == [1, 2] and list(mean.x) == [1, 2]
     assert list(loss.y) == [r.loss for r in records] and list(alpha.y) == [r.syn_lr for r in records]
-    assert [len(t.x) for t in curves_figure().data] == [0, 0]
+    assert list(mean.y) == pytest.approx([records[0].loss, (records[0].loss + records[1].loss) / 2])
+    assert [len(t.x) for t in curves_figure().data] == [0, 0, 0]
+    marked = curves_figure(records, changes=[(1.5, "N 3 → 5")])
+    assert [s.x0 for s in marked.layout.shapes] == [1.5]
+    assert [a.text for a in marked.layout.annotations][-1] == "N 3 → 5"  # after the two subplot titles
+
+
+def test_running_mean_against_a_loop():
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0]
+    expected = [sum(values[max(0, i - 2): i + 1]) / len(values[max(0, i - 2): i + 1]) for i in range(len(values))]
+    assert running_mean(values, 3) == pytest.approx(expected)
+    assert running_mean([], 3) == [] and running_mean(values, 1) == pytest.approx(values)
+    with pytest.raises(ValueError, match="window"):
+        running_mean(values, 0)
+
+
+RAW_TEX = re.compile(r"[_^]\{|[_^][A-Za-z0-9]|\\[A-Za-z]+|\|\|")  # θ*_t, x^{2}, \theta, ||x||
+
+
+def figure_texts(fig: go.Figure) -> list[str]:
+    """Every string a reader sees in a figure: trace names and hover templates, titles, annotations."""
+    texts = [t.name for t in fig.data] + [t.hovertemplate for t in fig.data if "hovertemplate" in t]
+    layout = fig.layout.to_plotly_json()
+    texts += [a.get("text") for a in layout.get("annotations", [])]
+    for key, value in layout.items():
+        if key.startswith(("xaxis", "yaxis", "title", "scene")):
+            texts.append(json.dumps(value, ensure_ascii=False))
+    return [t for t in texts if t]
+
+
+def test_figure_legends_and_titles_hold_no_raw_tex(tiny_store, records):
+    pca = fit_pca(tiny_store)
+    figures = [trajectory_figure(tiny_store, pca, overlay=records[0]), step_size_figure(tiny_store),
+               curves_figure(records), sweep_heatmap([[1.0]], [1], [1]), accuracy_bars({"a": [0.5, 0.6]})]
+    texts = [text for fig in figures for text in figure_texts(fig)]
+    assert any("θ*<sub>t+M</sub>" in t for t in texts)  # the notation is there, as HTML plotly renders
+    bad = [t for t in texts if RAW_TEX.search(re.sub(r"%\{[^}]*\}", "", t))]  # %{y} is plotly's, not TeX
+    assert not bad, f"raw TeX in figure text (plotly shows it literally): {bad}"
+    assert RAW_TEX.search("target θ*_{t+M}") and RAW_TEX.search("‖θ‖ or ||θ||")  # the check can fail
 
 
 def test_accuracy_bars_mean_and_std():
@@ -205,6 +271,7 @@ def test_accuracy_bars_mean_and_std():
     assert list(bars.x) == ["random real", "MTT", "one run"]
     np.testing.assert_allclose(bars.y, [60, 85, 40])
     np.testing.assert_allclose(bars.error_y.array, [100 * np.std([0.5, 0.6, 0.7]), 5, 0])
+    assert list(bars.text) == ["60.0 ± 8.2", "85.0 ± 5.0", "40.0 (1 run)"]  # no "± 0.0" for a single run
 
 
 def test_sweep_heatmap():
@@ -215,3 +282,22 @@ def test_sweep_heatmap():
     assert list(heat.y) == ["10", "20", "40"] and list(heat.x) == ["1", "2"]
     with pytest.raises(ValueError, match="expected"):
         sweep_heatmap(values, Ns=[10, 20], Ms=[1, 2])
+
+
+def test_mtt_iteration_figure_draws_the_settings_it_is_given():
+    fig = mtt_iteration_figure(syn_steps=7, expert_epochs=2, max_start_epoch=3, epochs=5, start_epoch=1)
+    expert, starts, student, start, target = fig.data[:5]
+    assert len(expert.x) == 6 and len(starts.x) == 3 and len(student.x) == 7 + 1
+    assert (start.x[0], start.y[0]) == (expert.x[1], expert.y[1]) == (student.x[0], student.y[0])
+    assert (target.x[0], target.y[0]) == (expert.x[3], expert.y[3])  # theta*_{t+M}
+    steps = np.hypot(np.diff(expert.x), np.diff(expert.y))
+    assert (np.diff(steps) < 0).all()  # the expert's steps shrink, as real ones do
+    assert "N = 7" in student.name and "M = 2" in target.name and "T+ = 3" in starts.name
+    with pytest.raises(ValueError, match="T\\+ - 1 \\+ M <= E"):
+        mtt_iteration_figure(syn_steps=5, expert_epochs=3, max_start_epoch=3, epochs=4)
+    assert not [t for t in figure_texts(fig) if RAW_TEX.search(t)]
+
+
+def test_trajectories_label_their_first_and_last_epoch(tiny_store):
+    fig = trajectory_figure(tiny_store, fit_pca(tiny_store), epochs=[1, 2, 3])
+    assert list(fig.data[0].text) == ["epoch 1", "", "epoch 3"]

@@ -5,6 +5,7 @@ read back the distiller, the image bytes, the curve traces and the status / erro
 """
 
 import asyncio
+import io
 import time
 
 import pytest
@@ -38,7 +39,7 @@ def dash(distiller):
 
 
 def curve_lengths(dash):
-    return [len(trace.x) for trace in dash.curves.data]
+    return [len(trace.x) for trace in dash.curves.data]  # loss, alpha, running mean
 
 
 # -- the dashboard ---------------------------------------------------------------------------------
@@ -55,22 +56,35 @@ def test_sliders_start_at_the_config_and_update_the_distiller(dash, distiller):
     assert "N = 5" in dash.status.value and dash.message.value == ""
 
 
-def test_an_invalid_combination_is_reported_and_not_applied(dash, distiller):
+def test_an_invalid_combination_is_reported_and_the_slider_snaps_back(dash, distiller):
     dash.m_slider.value = 3  # T+ = 2: start epoch 1 + M = 3 > E = 3
     assert distiller.config.expert_epochs == 1 and distiller.config.max_start_epoch == 2
+    assert dash.m_slider.value == 1  # the slider shows the M the run uses, not the refused one
     assert "Not applied" in dash.message.value and "T+ - 1 + M" in dash.message.value
-    dash.t_slider.value = 1  # now valid as a whole: applied
+    assert "lower T+ first" in dash.message.value and "crimson" in dash.message.value
+    dash.t_slider.value = 1  # the way round the message suggests
+    dash.m_slider.value = 3
     assert (distiller.config.expert_epochs, distiller.config.max_start_epoch) == (3, 1)
-    assert dash.message.value == ""
+    assert (dash.m_slider.value, dash.t_slider.value) == (3, 1) and dash.message.value == ""
+
+
+def test_a_refused_slider_during_a_run_snaps_back_too(dash, distiller):
+    dash.start()
+    wait_for(lambda: distiller.iteration >= 1)
+    dash.m_slider.value = 3  # refused now or before the next step
+    wait_for(lambda: "Not applied" in dash.message.value)
+    assert dash.m_slider.value == 1 and distiller.config.expert_epochs == 1
+    dash.pause()
+    assert all(r.expert_epochs == 1 for r in dash.records)
 
 
 def test_step_advances_and_redraws(dash, distiller):
     before = dash.image.value
-    assert curve_lengths(dash) == [0, 0]
+    assert curve_lengths(dash) == [0, 0, 0]
     dash.step_button.click()
     assert distiller.iteration == 1 and len(dash.records) == 1
     assert dash.image.value != before and bytes(dash.image.value).startswith(b"\x89PNG")
-    assert curve_lengths(dash) == [1, 1]
+    assert curve_lengths(dash) == [1, 1, 1]
     assert list(dash.curves.data[0].y) == [dash.records[0].loss]
     assert "iteration 1" in dash.status.value and f"{dash.records[0].loss:.4f}" in dash.status.value
 
@@ -88,7 +102,7 @@ def test_start_runs_in_the_background_and_pause_stops_it(dash, distiller):
     stopped = distiller.iteration
     time.sleep(0.05)
     assert distiller.iteration == stopped == len(dash.records)
-    assert curve_lengths(dash) == [stopped, stopped] and f"iteration {stopped}" in dash.status.value
+    assert curve_lengths(dash) == [stopped] * 3 and f"iteration {stopped}" in dash.status.value
 
 
 def test_pause_button_and_slider_moved_during_the_last_step(dash, distiller):
@@ -112,7 +126,7 @@ def test_a_run_stops_at_config_iterations(tiny_store, mnist_train):
 def test_run_async(dash, distiller):
     done = asyncio.run(dash.run_async(3))
     assert [r.iteration for r in done] == [1, 2, 3] and distiller.iteration == 3
-    assert curve_lengths(dash) == [3, 3] and not dash.running
+    assert curve_lengths(dash) == [3, 3, 3] and not dash.running
 
 
 def test_errors_inside_a_run_are_shown(dash, distiller, monkeypatch):
@@ -140,12 +154,74 @@ def test_reset_restores_the_initial_state(dash, distiller):
     dash.reset_button.click()
     assert torch.equal(distiller.images, initial_images) and distiller.iteration == 0
     assert distiller.syn_lr == pytest.approx(distiller.config.lr_teacher)
-    assert dash.image.value == initial_png and curve_lengths(dash) == [0, 0]
+    assert dash.image.value == initial_png and curve_lengths(dash) == [0, 0, 0]
     assert dash.n_slider.value == distiller.config.syn_steps == 2
     # the run continues exactly as a fresh one would
     again = dash.step()
     fresh = Distiller(distiller.store, distiller.train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 2})).step()
     assert again.loss == pytest.approx(fresh.loss) and again.start_epoch == fresh.start_epoch
+
+
+def test_code_that_drives_a_running_dashboard_pauses_it_first(dash, distiller, capsys):
+    """Press Start, then run the notebook's next cells: they pause the run and say so, no traceback."""
+    dash.start_button.click()
+    wait_for(lambda: distiller.iteration >= 1)
+    record = dash.step(return_path=True)
+    assert record is not None and record.student_path is not None and not dash.running
+    assert not dash._thread.is_alive() and record.iteration == distiller.iteration == len(dash.records)
+    out = capsys.readouterr().out
+    assert "paused it at iteration" in out and "Press Start to continue" in out
+    assert "paused it" in dash.message.value
+
+    dash.start()
+    wait_for(lambda: distiller.iteration >= record.iteration + 1)
+    before = distiller.iteration
+    done = asyncio.run(dash.run_async(2))
+    assert len(done) == 2 and not dash.running and "run_async(2)" in capsys.readouterr().out
+    assert distiller.iteration == len(dash.records) and distiller.iteration >= before + 2
+    assert [r.iteration for r in dash.records] == list(range(1, distiller.iteration + 1))
+
+    assert dash.step() is not None and capsys.readouterr().out == ""  # not running: nothing to say
+
+
+def test_setting_changes_are_marked_on_the_curves_with_a_running_mean(tiny_store, mnist_train):
+    distiller = Distiller(tiny_store, mnist_train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 2}))
+    dash = DistillDashboard(distiller, window=2)
+    titles = len(dash.curves.layout.annotations)
+    for _ in range(2):
+        dash.step()
+    dash.n_slider.value = 3
+    dash.step()
+    dash.m_slider.value = 2
+    assert dash.changes == [(2.5, "N 2 → 3"), (3.5, "M 1 → 2")]  # between the iterations before and after
+    assert [s.x0 for s in dash.curves.layout.shapes] == [x for x, _ in dash.changes]
+    assert [a.text for a in dash.curves.layout.annotations[titles:]] == [text for _, text in dash.changes]
+    losses = [r.loss for r in dash.records]
+    mean = dash.curves.data[2]
+    assert list(mean.y) == pytest.approx([losses[0], (losses[0] + losses[1]) / 2, (losses[1] + losses[2]) / 2])
+    dash.m_slider.value = 1  # back to the old value: marked too
+    assert dash.changes[-1] == (3.5, "M 2 → 1")
+
+
+def test_reset_clears_marks_messages_and_axis_ranges(dash, distiller):
+    dash.step()
+    dash.n_slider.value = 3
+    dash.m_slider.value = 3  # refused: a red message
+    dash.curves.update_xaxes(range=[0, 50])  # as if the learner had zoomed
+    dash.reset()
+    assert dash.changes == [] and len(dash.curves.layout.shapes) == 0
+    assert "Reset" in dash.message.value and "Not applied" not in dash.message.value
+    assert dash.curves.layout.xaxis.autorange is True and dash.curves.layout.yaxis.autorange is True
+    assert dash.curves.layout.xaxis2.autorange is True and dash.curves.layout.yaxis2.autorange is True
+
+
+def test_the_dashboard_grid_is_2x5_for_one_image_per_class(tiny_store, mnist_train):
+    from PIL import Image
+
+    distiller = Distiller(tiny_store, mnist_train, DistillConfig(**{**TINY_CONFIG, "ipc": 1}))
+    dash = DistillDashboard(distiller)
+    width, height = Image.open(io.BytesIO(dash.image.value)).size
+    assert (width, height) == (dash.scale * (5 * 29 - 1), dash.scale * (2 * 29 - 1)) and width >= 400
 
 
 # -- the trajectory explorer --------------------------------------------------------------------------
