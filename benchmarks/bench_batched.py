@@ -28,18 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill import dataset, make_store  # noqa: E402
+from bench_distill import dataset, make_store, one_point_arguments  # noqa: E402
 from mtt_lab.cpu_memory import keep_freed_memory  # noqa: E402
 from mtt_lab.distill import DistillConfig, Distiller  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inputs", default="mnist", choices=["mnist", "cifar"])
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="N")
+    one_point_arguments(p)
     p.add_argument("--trajectories", nargs="+", type=int, default=[4], help="values of K")
     p.add_argument("--modes", nargs="+", default=["exact", "checkpoint"])
     p.add_argument("--reps", type=int, default=3)

@@ -113,6 +113,15 @@ def make_store(folder: Path, inputs: str, width: int) -> TrajectoryStore:
     return store
 
 
+def one_point_arguments(p) -> None:
+    """--device, --inputs, --width, --ipc, --steps: the one configuration bench_batched / bench_precision measure."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--inputs", default="mnist", choices=list(INPUTS))
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="N")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill import dataset, make_store  # noqa: E402
+from bench_distill import dataset, make_store, one_point_arguments  # noqa: E402
 from mtt_lab.distill import DistillConfig, Distiller  # noqa: E402
 
 
@@ -66,11 +66,7 @@ def sync_count(store, train, args) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inputs", default="mnist", choices=["mnist", "cifar"])
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="N")
+    one_point_arguments(p)
     p.add_argument("--mode", default="exact")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sync-check", action="store_true", help="CUDA: count synchronisations in one step")

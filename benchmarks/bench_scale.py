@@ -51,43 +51,41 @@ def run_arm(arm: str, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def bench_experts(a, work: Path) -> list[dict]:
+def alternate(a, work: Path, what: str, command, measure) -> list[dict]:
+    """``a.rounds`` rounds of (1x2, 2x1): ``mtt-lab command(out)``, then ``measure(arm, out)`` -> figures."""
     rows = []
     for round_ in range(a.rounds):
         for arm in ("1x2", "2x1"):
-            out = work / f"experts_{arm}_{round_}"
+            out = work / f"{what}_{arm}_{round_}"
             load = os.getloadavg()[0]
-            wall = run_arm(arm, ["experts", "--model", f"ConvNetW{a.width}", "--experts", str(a.experts),
-                                 "--epochs", str(a.epochs), "--device", "cpu", "--out", str(out)])
-            seconds = [e["seconds"] for e in json.loads((out / "manifest.json").read_text())["experts"]]
-            ranks = 2 if arm == "2x1" else 1
-            training = max(sum(seconds[r::ranks]) for r in range(ranks))
-            images = a.experts * a.epochs * 8000
-            rows.append({"arm": arm, "round": round_, "load": load, "wall_s": wall, "training_s": training,
-                         "img_per_s": images / training})
-            print(f"experts {arm} round {round_}: {images / training:.0f} img/s over training "
-                  f"({training:.1f} s), command {wall:.1f} s, load {load:.2f}", flush=True)
+            wall = run_arm(arm, command(out))
+            rows.append({"arm": arm, "round": round_, "load": load, "wall_s": wall, **measure(arm, out)})
+            print(f"{what} {arm} round {round_}: {rows[-1]}", flush=True)
             shutil.rmtree(out)
     return rows
+
+
+def bench_experts(a, work: Path) -> list[dict]:
+    def measure(arm, out):
+        seconds = [e["seconds"] for e in json.loads((out / "manifest.json").read_text())["experts"]]
+        ranks = 2 if arm == "2x1" else 1
+        training = max(sum(seconds[r::ranks]) for r in range(ranks))
+        return {"training_s": training, "img_per_s": a.experts * a.epochs * 8000 / training}
+
+    return alternate(a, work, "experts", lambda out: [
+        "experts", "--model", f"ConvNetW{a.width}", "--experts", str(a.experts), "--epochs", str(a.epochs),
+        "--device", "cpu", "--out", str(out)], measure)
 
 
 def bench_distill(a, work: Path) -> list[dict]:
-    rows = []
-    for round_ in range(a.rounds):
-        for arm in ("1x2", "2x1"):
-            out = work / f"distill_{arm}_{round_}"
-            load = os.getloadavg()[0]
-            wall = run_arm(arm, ["distill", "--experts", a.store, "--out", str(out), "--ipc", str(a.ipc),
-                                 "--syn-steps", str(a.syn_steps), "--expert-epochs", "1", "--max-start-epoch", "1",
-                                 "--trajectories", str(a.trajectories), "--mode", a.mode,
-                                 "--iterations", str(a.iterations), "--device", "cpu"])
-            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-            per_iteration = statistics.median(r["seconds"] for r in log[a.warmup:])
-            rows.append({"arm": arm, "round": round_, "load": load, "wall_s": wall, "s_per_iteration": per_iteration})
-            print(f"distill {arm} round {round_}: {per_iteration:.2f} s / iteration (K = {a.trajectories}), "
-                  f"command {wall:.1f} s, load {load:.2f}", flush=True)
-            shutil.rmtree(out)
-    return rows
+    def measure(arm, out):
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return {"s_per_iteration": statistics.median(r["seconds"] for r in log[a.warmup:])}
+
+    return alternate(a, work, "distill", lambda out: [
+        "distill", "--experts", a.store, "--out", str(out), "--ipc", str(a.ipc), "--syn-steps", str(a.syn_steps),
+        "--expert-epochs", "1", "--max-start-epoch", "1", "--trajectories", str(a.trajectories), "--mode", a.mode,
+        "--iterations", str(a.iterations), "--device", "cpu"], measure)
 
 
 def summary(rows: list[dict], key: str, higher_is_better: bool) -> str:
