@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
             results = distill_every_mode(argv[1])
             if ctx.is_main:
                 torch.save(results, argv[2])
+            ctx.barrier()  # leave the group together (a rank tearing gloo down early can abort the other)
         elif argv[0] == "unseen-store":
             ctx.agree(TrajectoryStore, argv[1] if ctx.rank == 0 else argv[1] + "-not-here")
     finally:
