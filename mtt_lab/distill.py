@@ -191,6 +191,18 @@ class StepPlan:
     seed: int
 
 
+def sweep_plans(n: int, batch: int, steps: int, generator: torch.Generator, device) -> list[StepPlan]:
+    """``steps`` mini-batches of at most ``batch`` indices into ``n`` items, by shuffled sweeps (a new
+    permutation whenever one is used up), each with its own DSA seed; drawn from the host ``generator``."""
+    plans, chunks = [], []
+    for _ in range(steps):
+        if not chunks:
+            chunks = list(torch.randperm(n, generator=generator).split(batch))
+        index = to_device(chunks.pop(0), device)
+        plans.append(StepPlan(index, int(torch.randint(2**62, (1,), generator=generator))))
+    return plans
+
+
 def trajectory_loss(theta_end: Tensor, theta_start: Tensor, theta_target: Tensor) -> Tensor:
     """MTT's normalised parameter distance (a scalar):
     ||theta_end - theta_target||^2 / ||theta_start - theta_target||^2, summed over the rows of
@@ -401,14 +413,7 @@ class Distiller:
     def _plan(self) -> list[StepPlan]:
         """N mini-batches by shuffled sweeps over the synthetic set, each with its DSA seed."""
         n = len(self._labels)
-        batch = min(self.config.batch_syn or n, n)
-        plans, chunks = [], []
-        for _ in range(self.config.syn_steps):
-            if not chunks:
-                chunks = list(torch.randperm(n, generator=self.generator).split(batch))
-            index = to_device(chunks.pop(0), self.device)
-            plans.append(StepPlan(index, int(torch.randint(2**62, (1,), generator=self.generator))))
-        return plans
+        return sweep_plans(n, min(self.config.batch_syn or n, n), self.config.syn_steps, self.generator, self.device)
 
     def _draw(self) -> tuple[int, int, list[StepPlan]]:
         """One unroll's expert, start epoch and plans, from the (host) generator."""

@@ -46,10 +46,9 @@ from torch import Tensor
 
 from .augment import dsa, seeded_generator
 from .data import ImageDataset
-from .distill import student_step
+from .distill import student_step, sweep_plans
 from .models import Functional
-from .synthetic import OuterRecord, SetConfig, SyntheticSet, check_at_least, check_choice, check_rates, \
-    sweep_plans
+from .synthetic import OuterRecord, SetConfig, SyntheticSet, check_at_least, check_choice, check_rates
 
 # ipc -> (outer_loop, inner_loop), the papers' values
 PAPER_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}

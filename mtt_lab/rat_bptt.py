@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import ImageDataset
-from .distill import StepPlan, student_step, unroll
+from .distill import StepPlan, student_step, sweep_plans, unroll
 from .models import Functional
-from .synthetic import SetConfig, SyntheticSet, check_at_least, check_choice, check_rates, sweep_plans
+from .synthetic import SetConfig, SyntheticSet, check_at_least, check_choice, check_rates
 
 MODES = ("exact", "checkpoint")
 

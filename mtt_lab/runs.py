@@ -23,7 +23,6 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -40,12 +39,12 @@ KIND_CONFIG, KIND_CHECKPOINT, KIND_IMAGES = "mtt_lab run config", "mtt_lab disti
 
 
 @dataclass(frozen=True)
-class SyntheticSet:
-    """A distilled set as evaluation needs it.
+class SavedSet:
+    """A run folder's distilled set (``images.pt``), as evaluation needs it.
 
     images ``[C * ipc, c, h, w]`` float32 in the model's input space (normalised, and ZCA-whitened
     when ``zca``: evaluate against test data whitened the same way); labels ``[C * ipc]`` int64 or
-    soft ``[C * ipc, C]``; ``syn_lr`` the learned alpha.
+    soft ``[C * ipc, C]``; ``syn_lr`` the learned alpha; ``iteration`` the run's iteration when saved.
     """
 
     images: Tensor
@@ -53,6 +52,8 @@ class SyntheticSet:
     syn_lr: float
     dataset: str
     zca: bool
+    run_id: str
+    iteration: int
 
 
 def store_fingerprint(store: TrajectoryStore) -> dict:
@@ -131,7 +132,8 @@ class RunFolder:
             raise bad_file(path, f"at least {min_records} records (the checkpoint's iteration)", f"{len(rows)}", todo)
         return rows
 
-    def read_synthetic_set(self) -> SyntheticSet:
+    def read_synthetic_set(self, run_id: str | None = None) -> SavedSet:
+        """images.pt (checked against ``run_id`` when given)."""
         expected = "a synthetic set (images.pt of a finished `mtt-lab distill` run)"
         todo = ("finish the run with `mtt-lab distill --resume`" if self.file(CHECKPOINT).is_file()
                 else f"check that {self.path} is a finished run folder")
@@ -145,7 +147,9 @@ class RunFolder:
         if images.ndim != 4 or not images.is_floating_point() or len(labels) != len(images):
             raise bad_file(self.file(IMAGES), expected, f"images {describe(images)} with labels {describe(labels)}",
                            todo)
-        return SyntheticSet(images.float(), labels, data["syn_lr"], data["dataset"], data["zca"])
+        self._same_run(IMAGES, data["run_id"], run_id)
+        return SavedSet(images.float(), labels, data["syn_lr"], data["dataset"], data["zca"], data["run_id"],
+                        data["iteration"])
 
     def _same_run(self, name: str, found: str, run_id: str | None) -> None:
         if run_id is not None and found != run_id:
@@ -175,22 +179,17 @@ class RunFolder:
             lines.append(f"  {len(log)} iterations logged; last loss {log[-1]['loss']:.4f}, alpha "
                          f"{log[-1]['syn_lr']:.5f}")
         state = attempt(lambda: self.read_checkpoint(run_id)) if self.file(CHECKPOINT).exists() or config else None
-        images = None
-        if self.file(IMAGES).exists():
-            images = attempt(lambda: read_torch(self.file(IMAGES), "a synthetic set", "distil again"))
-            if isinstance(images, dict):
-                attempt(self.read_synthetic_set)
-                attempt(lambda: self._same_run(IMAGES, images.get("run_id"), run_id))
+        saved = attempt(lambda: self.read_synthetic_set(run_id)) if self.file(IMAGES).exists() else None
         if state is not None:
             total = state["config"]["iterations"]
             if log is not None and len(log) < state["iteration"]:
                 problems.append(f"{self.file(LOG)}: holds {len(log)} records but the checkpoint is at iteration "
                                 f"{state['iteration']}; resume the run with --resume")
-            if not isinstance(images, dict):
+            if not self.file(IMAGES).exists():
                 problems.append(f"{self.file(IMAGES)}: missing, the run is unfinished (checkpoint at iteration "
                                 f"{state['iteration']} of {total}); continue it with `mtt-lab distill --resume`")
-            elif images.get("iteration") != state["iteration"]:
-                problems.append(f"{self.file(IMAGES)}: from iteration {images.get('iteration')} but the checkpoint is "
+            elif saved is not None and saved.iteration != state["iteration"]:
+                problems.append(f"{self.file(IMAGES)}: from iteration {saved.iteration} but the checkpoint is "
                                 f"at iteration {state['iteration']} (an extension was interrupted); continue it with "
                                 f"`mtt-lab distill --resume`")
         if self.file(EVAL).exists():

@@ -8,7 +8,6 @@ file is only its objective:
 * :func:`initial_images` ``ipc`` real images per class (``pix_init="real"``) or Gaussian noise,
   grouped by class: images ``[C * ipc, c, h, w]``, labels ``[C * ipc]`` (``0 0 .. 1 1 ..``);
 * :func:`fresh_network` a network with the model's own random init, seeded from a generator;
-* :func:`sweep_plans`   student steps' mini-batches (shuffled sweeps) and DSA seeds;
 * :class:`SyntheticSet` the outer loop: :meth:`~SyntheticSet.step` / :meth:`~SyntheticSet.steps`,
   :meth:`~SyntheticSet.state_dict` / :meth:`~SyntheticSet.load_state_dict` for an exact resume
   (images, optimiser, generator, iteration, config), and the set to evaluate
@@ -30,7 +29,6 @@ from torch import Tensor, nn
 
 from .augment import default_strategy, parse_strategy
 from .data import ImageDataset
-from .distill import StepPlan
 from .models import MODELS, get_model
 from .train import check_rate, resolve_device
 
@@ -100,18 +98,6 @@ def fresh_network(name: str, train: ImageDataset, model_kwargs: dict | None, gen
         torch.manual_seed(seed)
         model = get_model(name, train.channels, train.num_classes, train.image_size, **(model_kwargs or {}))
     return model.to(device, dtype)
-
-
-def sweep_plans(n: int, batch: int, steps: int, generator: torch.Generator, device) -> list[StepPlan]:
-    """``steps`` mini-batches of at most ``batch`` indices into ``n`` items, by shuffled sweeps
-    (a new permutation whenever one is used up), each with its own DSA seed."""
-    plans, chunks = [], []
-    for _ in range(steps):
-        if not chunks:
-            chunks = list(torch.randperm(n, generator=generator).split(batch))
-        index = chunks.pop(0).to(device)
-        plans.append(StepPlan(index, int(torch.randint(2**62, (1,), generator=generator))))
-    return plans
 
 
 @dataclass(frozen=True)
