@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mtt_lab.baselines import DDConfig, distill_dd, expert_embedder, herding, k_center
+from mtt_lab.coresets import expert_embedder, herding, k_center
 from mtt_lab.data import load_splits
+from mtt_lab.dataset_distillation import DDConfig, DDistiller
 from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.evaluate import evaluate_synset
 from mtt_lab.experts import ExpertConfig, train_experts
@@ -98,8 +99,10 @@ def main() -> None:
         if "K-Center" in args.methods:
             evaluate("K-Center", ipc, *k_center(train, ipc, embed, torch.Generator().manual_seed(0)), 0.01)
         if "DD" in args.methods:
-            dd_config = DDConfig(ipc=ipc, iterations=dd_iterations, device=str(train.device))
-            dd = distill_dd(train, dd_config, model_kwargs=kwargs)
+            dd_config = DDConfig(ipc=ipc, iterations=dd_iterations, device=str(train.device), model_kwargs=kwargs)
+            dd = DDistiller(train, dd_config)
+            for _ in tqdm(dd.steps(), total=dd_iterations, desc=f"DD IPC {ipc}"):
+                pass
             evaluate("DD", ipc, dd.images, dd.labels, 0.01, asdict(dd_config))
         if "MTT" in args.methods:
             config = distill_configs[ipc]

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from mtt_lab.baselines import DDConfig, DDistiller, expert_embedder, herding, k_center
+from mtt_lab.coresets import expert_embedder, herding, k_center
 from mtt_lab.cpu_memory import keep_freed_memory
 from mtt_lab.data import load_splits
+from mtt_lab.dataset_distillation import DDConfig, DDistiller
 from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.distribution_matching import DistributionMatching, DMConfig
 from mtt_lab.evaluate import evaluate_synset
@@ -114,8 +115,8 @@ def build_set(method: str, ipc: int, preset: Preset, store: TrajectoryStore, tra
                           else k_center(train, ipc, embed, torch.Generator().manual_seed(0)))
         result = dict(images=images, labels=labels, lr=0.01, dsa=None, config={"ipc": ipc})
     elif method == "DD":
-        config = DDConfig(ipc=ipc, iterations=iterations, device=str(device))
-        dd = DDistiller(train, config, model_kwargs=WIDTH)
+        config = DDConfig(ipc=ipc, iterations=iterations, device=str(device), model_kwargs=WIDTH)
+        dd = DDistiller(train, config)
         for _ in range(iterations):
             t = time.perf_counter()
             dd.step()

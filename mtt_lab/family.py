@@ -9,11 +9,12 @@ name            matches                                      file
 ``dm``          mean features under random networks          ``distribution_matching``
 ``rat-bptt``    the performance of a network trained on it   ``rat_bptt``
 ``mtt``         experts' parameter trajectories              ``distill``
-``dd``          the performance (full unroll, Wang et al.)   ``baselines``
+``dd``          the performance (full unroll, Wang et al.)   ``dataset_distillation``
 ==============  ===========================================  ==============================
 
-:func:`build` makes one of the three outer-loop methods of :mod:`mtt_lab.synthetic` from a name and
-config overrides (what a command line needs). :class:`ProtocolCard` records *how* an accuracy was
+:func:`build` makes one of the outer-loop methods of :mod:`mtt_lab.synthetic` (all but MTT, which
+needs expert trajectories) from a name and config overrides (what a command line needs);
+:func:`method_config` checks the name and the overrides for every method, MTT included. :class:`ProtocolCard` records *how* an accuracy was
 obtained: most disagreements between reported numbers in this field are differences of protocol
 (ZCA or not, DSA at evaluation or not, final vs best epoch, hard vs soft labels, which network
 evaluates), so every result carries one.
@@ -21,9 +22,12 @@ evaluates), so every result carries one.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from .data import ImageDataset
+from .dataset_distillation import DDConfig, DDistiller
+from .distill import DistillConfig
 from .distribution_matching import DistributionMatching, DMConfig
 from .gradient_matching import DCConfig, GradientMatching
 from .rat_bptt import RaTBPTT, RaTBPTTConfig
@@ -34,7 +38,37 @@ METHODS: dict[str, tuple[type, type[SyntheticSet]]] = {
     "dc": (DCConfig, GradientMatching),
     "dm": (DMConfig, DistributionMatching),
     "rat-bptt": (RaTBPTTConfig, RaTBPTT),
+    "dd": (DDConfig, DDistiller),
 }
+NAMES = ("mtt", *METHODS)  # every method `mtt-lab distill --method` runs
+# the annotations of the configs' fields -> the values they accept
+KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str, "dict": dict, "None": type(None)}
+
+
+def _check_kind(name: str, value, annotation: str) -> None:
+    """A one-line ``ValueError`` unless ``value`` fits ``annotation`` (e.g. ``"int | None"``; True is no int)."""
+    kinds = [KINDS.get(part.strip()) for part in str(annotation).split("|")]
+    if None in kinds:  # an annotation this check does not read
+        return
+    if not isinstance(value, tuple(kinds)) or (isinstance(value, bool) and bool not in kinds):
+        raise ValueError(f"{name} must be {annotation}; got {value!r}")
+
+
+def method_config(name: str, **overrides):
+    """The config of method ``name`` (one of :data:`NAMES`) with ``overrides``, not yet validated.
+
+    Unknown names, unknown knobs and values of the wrong kind (text for a number) are a one-line
+    ``ValueError`` naming what is allowed.
+    """
+    check_choice("method", name, NAMES)
+    config_class = DistillConfig if name == "mtt" else METHODS[name][0]
+    known = {f.name: f.type for f in fields(config_class)}
+    bad = sorted(set(overrides) - set(known))
+    if bad:
+        raise ValueError(f"{name} has no setting {', '.join(bad)}; its settings: {', '.join(known)}")
+    for key, value in overrides.items():
+        _check_kind(key, value, known[key])
+    return config_class(**overrides)
 
 
 def build(name: str, train: ImageDataset, **overrides) -> SyntheticSet:
@@ -43,12 +77,7 @@ def build(name: str, train: ImageDataset, **overrides) -> SyntheticSet:
     Unknown names and unknown knobs are a one-line ``ValueError`` naming what is allowed.
     """
     check_choice("method", name, list(METHODS))
-    config_class, method_class = METHODS[name]
-    known = [f.name for f in fields(config_class)]
-    bad = sorted(set(overrides) - set(known))
-    if bad:
-        raise ValueError(f"{name} has no setting {', '.join(bad)}; its settings: {', '.join(known)}")
-    return method_class(train, config_class(**overrides))
+    return METHODS[name][1](train, method_config(name, **overrides))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What the distillation methods beyond MTT share: a learnable synthetic set and an outer loop.
 
-DC (``gradient_matching``), DM (``distribution_matching``) and RaT-BPTT (``rat_bptt``) all learn
-``ipc`` images per class, start each outer iteration from a *fresh* randomly initialised network
-and update the pixels with one optimiser. This file holds those common parts, so that each method's
+DC (``gradient_matching``), DM (``distribution_matching``), RaT-BPTT (``rat_bptt``) and DD
+(``dataset_distillation``) all learn ``ipc`` images per class, start each outer iteration from a
+*fresh* randomly initialised network (DD optionally from one fixed init) and update the pixels
+with one optimiser. This file holds those common parts, so that each method's
 file is only its objective:
 
 * :func:`initial_images` ``ipc`` real images per class (``pix_init="real"``) or Gaussian noise,
@@ -110,9 +111,13 @@ class OuterRecord:
     grad_norm_images: float
     skipped: bool = False  # True when the loss or a gradient was not finite (nothing was updated)
 
+    def as_dict(self) -> dict:
+        """A JSON-ready dict (a line of a run folder's log)."""
+        return asdict(self)
+
 
 class SyntheticSet:
-    """The outer loop shared by DC, DM and RaT-BPTT; a subclass writes :meth:`objective`.
+    """The outer loop shared by DC, DM, RaT-BPTT and DD; a subclass writes :meth:`objective`.
 
     ``objective()`` returns the iteration's loss (a scalar tensor) and fills ``.grad`` of every
     tensor in :meth:`learnables`; :meth:`step` then updates them unless something is not finite.

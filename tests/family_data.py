@@ -1,4 +1,4 @@
-"""A few real digits per class, for the tests of the methods beyond MTT (tiny, so each test is fast)."""
+"""Tiny datasets for the tests of the coresets and the methods beyond MTT (so each test is fast)."""
 
 import io
 
@@ -25,3 +25,18 @@ def through_disk(state: dict) -> dict:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def toy_dataset(per_class=(12, 10, 8), size=8, seed=0) -> ImageDataset:
+    """Classes = a bright quadrant of an 8x8 image (top-left, top-right, bottom-left) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for c, n in enumerate(per_class):
+        x = 0.5 * torch.randn(n, 1, size, size, generator=g)
+        rows, cols = divmod(c, 2)
+        h = size // 2
+        x[:, :, rows * h:(rows + 1) * h, cols * h:(cols + 1) * h] += 1.5
+        images.append(x)
+        labels.append(torch.full((n,), c))
+    return ImageDataset("toy", torch.cat(images), torch.cat(labels), [str(c) for c in range(len(per_class))],
+                        (0.0,), (1.0,))

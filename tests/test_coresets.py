@@ -1,32 +1,16 @@
-"""Coresets (random, herding, K-center) and the original dataset distillation (DD)."""
-
-from dataclasses import replace
+"""Coresets: random, herding, K-center, and the expert embedder they select with."""
 
 import pytest
 import torch
 
-from mtt_lab.baselines import (DDConfig, DDistiller, distill_dd, expert_embedder, herding, herding_order,
-                               k_center, k_center_order, random_coreset)
+from family_data import toy_dataset
+
+from mtt_lab.coresets import expert_embedder, herding, herding_order, k_center, k_center_order, random_coreset
 from mtt_lab.data import ImageDataset
 from mtt_lab.experts import ExpertConfig, TrajectoryStore, build_model, model_spec
 from mtt_lab.models import Functional
 
 TINY = {"width": 8, "depth": 2}
-
-
-def toy_dataset(per_class=(12, 10, 8), size=8, seed=0) -> ImageDataset:
-    """Classes = a bright quadrant of an 8x8 image (top-left, top-right, bottom-left) plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    images, labels = [], []
-    for c, n in enumerate(per_class):
-        x = 0.5 * torch.randn(n, 1, size, size, generator=g)
-        rows, cols = divmod(c, 2)
-        h = size // 2
-        x[:, :, rows * h:(rows + 1) * h, cols * h:(cols + 1) * h] += 1.5
-        images.append(x)
-        labels.append(torch.full((n,), c))
-    return ImageDataset("toy", torch.cat(images), torch.cat(labels), [str(c) for c in range(len(per_class))],
-                        (0.0,), (1.0,))
 
 
 def table_dataset(table: torch.Tensor, labels: torch.Tensor):
@@ -41,10 +25,6 @@ def mean_pixel_embed(x):
     """A cheap 2-D feature: mean of the left and of the right half of the image."""
     half = x.shape[-1] // 2
     return torch.stack([x[..., :half].mean(dim=(1, 2, 3)), x[..., half:].mean(dim=(1, 2, 3))], dim=1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Coresets
 
 
 @pytest.mark.parametrize("select", [
@@ -151,63 +131,3 @@ def test_expert_embedder_gives_the_experts_penultimate_features(tmp_path):
 
     images, labels = herding(train, 2, embed)
     assert images.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 1, 1, 2, 2]
-
-
-# ------------------------------------------------------------------------------------------------
-# Dataset distillation (Wang et al. 2018)
-
-
-def tiny_dd(**changes) -> DDConfig:
-    return replace(DDConfig(ipc=1, steps=4, lr_img=0.05, lr_lr=0.05, lr_init=0.05, batch_real=30,
-                            iterations=30, device="cpu", init="fixed"), **changes)
-
-
-@pytest.mark.parametrize("init", ["fixed", "random"])
-def test_dd_learns_images_and_positive_lrs(init):
-    train = toy_dataset()
-    result = distill_dd(train, tiny_dd(init=init), model_kwargs=TINY, progress=False)
-    assert result.images.shape == (3, 1, 8, 8) and result.labels.tolist() == [0, 1, 2]
-    assert result.lrs.shape == (4,) and (result.lrs > 0).all()
-    assert len(result.losses) == 30 and all(torch.isfinite(torch.tensor(result.losses)))
-    first, last = result.losses[:5], result.losses[-5:]
-    assert sum(last) / 5 < 0.8 * sum(first) / 5, f"{init}: loss did not fall ({first} -> {last})"
-
-
-def test_dd_gradients_reach_images_and_lrs():
-    train = toy_dataset()
-    distiller = DDistiller(train, tiny_dd(pix_init="real"), model_kwargs=TINY)
-    images, lrs = distiller.images, distiller.lrs
-    torch.testing.assert_close(lrs, torch.full((4,), 0.05))
-    assert any(torch.equal(images[0], real) for real in train.images_of_class(0))  # real init
-    distiller.step()
-    assert (distiller.images - images).abs().amax(dim=(1, 2, 3)).min() > 0, "every image moved"
-    assert (distiller.lrs != lrs).all(), "every step size moved"
-
-
-def test_dd_lrs_stay_positive_under_a_huge_lr_step():
-    distiller = DDistiller(toy_dataset(), tiny_dd(lr_lr=50.0, iterations=3), model_kwargs=TINY)
-    for _ in range(3):
-        distiller.step()
-    assert (distiller.lrs > 0).all()
-
-
-def test_dd_is_reproducible_and_leaves_the_global_rng_alone():
-    train = toy_dataset()
-    torch.manual_seed(123)
-    before = torch.random.get_rng_state()
-    a = distill_dd(train, tiny_dd(init="random", iterations=5), model_kwargs=TINY, progress=False)
-    assert torch.equal(torch.random.get_rng_state(), before)
-    b = distill_dd(train, tiny_dd(init="random", iterations=5), model_kwargs=TINY, progress=False)
-    c = distill_dd(train, tiny_dd(init="random", iterations=5, seed=1), model_kwargs=TINY, progress=False)
-    assert torch.equal(a.images, b.images) and torch.equal(a.lrs, b.lrs) and a.losses == b.losses
-    assert not torch.equal(a.images, c.images)
-
-
-def test_dd_rejects_bad_configs():
-    train = toy_dataset()
-    for bad in (dict(init="pretrained"), dict(ipc=0), dict(steps=0), dict(lr_init=0.0), dict(pix_init="zeros")):
-        with pytest.raises(ValueError):
-            DDistiller(train, tiny_dd(**bad), model_kwargs=TINY)
-    with pytest.raises(ValueError, match="ipc"):  # 9 real images per class, the smallest class holds 8
-        DDistiller(train, tiny_dd(ipc=9, pix_init="real"), model_kwargs=TINY)
-    assert DDistiller(train, tiny_dd(ipc=9), model_kwargs=TINY).images.shape == (27, 1, 8, 8)  # noise: fine
