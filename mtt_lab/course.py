@@ -112,14 +112,14 @@ def train_and_track(images, labels, test, lr, epochs, every, seed=0, model="Conv
     order: the global seed before the network is built, then one generator for shuffling and DSA.
     """
     from .augment import default_strategy
+    from .evaluate import sgd_with_schedule
     from .models import get_model
     from .train import accuracy, train_epoch
 
     images, labels = images.detach().to(test.device, torch.float32), labels.detach().to(test.device)
     torch.manual_seed(seed)
     net = get_model(model, test.channels, test.num_classes, test.image_size, **(model_kwargs or {})).to(test.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    optimizer, scheduler = sgd_with_schedule(net.parameters(), lr, epochs)
     generator = torch.Generator().manual_seed(seed)
     strategy = default_strategy(test.name)
     curve = []

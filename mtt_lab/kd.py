@@ -18,8 +18,9 @@ sweeps of batch ``b``; DLB with the same batch size ``b`` (``b / 2`` fresh + ``b
 needs ``epochs / 2`` sweeps of fresh samples, i.e. the same number of optimiser steps. Both
 divide the learning rate by 10 once ``epochs // 2`` epochs' worth of exposures have been spent.
 
-Every method trains with SGD (momentum 0.9, weight decay 5e-4, as in ``evaluate``) and is scored
-by its final-epoch test accuracy, mean +- std over seeds, as an :class:`~mtt_lab.evaluate.EvalResult`.
+Every method trains by the evaluation recipe of ``evaluate`` (``sgd_with_schedule``: SGD with
+momentum 0.9, weight decay 5e-4, lr x 0.1 at half; ``fit``; ``repeat_runs`` over seeds) and is
+scored by its final-epoch test accuracy, mean +- std over seeds, as an :class:`~mtt_lab.evaluate.EvalResult`.
 :func:`run_kd` / :func:`run_dlb` write a run folder (``config.json``, ``results.json``,
 ``log.jsonl``) for the ``mtt-lab kd`` / ``mtt-lab dlb`` commands.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,11 +39,12 @@ from tqdm.auto import tqdm
 
 from .augment import default_strategy, dsa
 from .data import ImageDataset, load_splits
-from .evaluate import EvalResult
+from .evaluate import EvalResult, fit, repeat_runs, sgd_with_schedule
 from .experts import TrajectoryStore
+from .family import ProtocolCard
 from .models import Functional, get_model
 from .runs import save_experiment
-from .train import accuracy, check_rate, resolve_device, train_epoch
+from .train import accuracy, check_rate, resolve_device
 
 # ----------------------------------------------------------------------------------------------
 # losses
@@ -91,22 +93,6 @@ def noisy_labels(labels: Tensor, fraction: float, num_classes: int, generator: t
 # training
 
 
-def _sgd(params, lr: float, epochs: int):
-    """SGD as in ``evaluate`` plus its schedule: lr x 0.1 after ``epochs // 2`` epochs of exposures."""
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
-
-
-def _fit(model: nn.Module, params, images: Tensor, labels: Tensor, epochs: int, lr: float, batch_size: int,
-         strategy: str, generator: torch.Generator, loss_fn: Callable | None, progress: bool, desc: str) -> list[float]:
-    optimizer, schedule = _sgd(params, lr, epochs)
-    losses = []
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        losses.append(train_epoch(model, optimizer, images, labels, batch_size, generator, strategy, loss_fn))
-        schedule.step()
-    return losses
-
-
 def train_plain(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, lr: float = 0.01,
                 batch_size: int = 256, strategy: str = "", generator: torch.Generator | None = None,
                 progress: bool = False) -> list[float]:
@@ -115,9 +101,7 @@ def train_plain(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, l
     ``epochs`` sweeps of batch ``batch_size`` (DSA ``strategy``, "" for none), SGD with momentum
     0.9, weight decay 5e-4, lr x 0.1 at half. Returns the mean training loss of every epoch.
     """
-    generator = generator or torch.Generator().manual_seed(0)
-    return _fit(model, model.parameters(), images, labels, epochs, lr, batch_size, strategy, generator,
-                None, progress, "plain")
+    return fit(model, images, labels, epochs, lr, batch_size, strategy, generator, progress=progress, desc="plain")
 
 
 class _WithTeacher(nn.Module):
@@ -151,15 +135,13 @@ def train_student(teacher: nn.Module, student: nn.Module, images: Tensor, labels
     Same recipe as :func:`train_plain`; the teacher's logits are computed on every augmented
     mini-batch the student sees. Returns the mean training loss of every epoch.
     """
-    generator = generator or torch.Generator().manual_seed(0)
-
     def loss_fn(both: Tensor, y: Tensor) -> Tensor:
         student_logits, teacher_logits = both.chunk(2, dim=1)
         return kd_loss(student_logits, teacher_logits, y, T, alpha)
 
     pair = _WithTeacher(student, teacher)
-    return _fit(pair, student.parameters(), images, labels, epochs, lr, batch_size, strategy, generator,
-                loss_fn, progress, f"KD T={T:g}")
+    return fit(pair, images, labels, epochs, lr, batch_size, strategy, generator, loss_fn, student.parameters(),
+               progress, f"KD T={T:g}")
 
 
 def dlb_schedule(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
@@ -217,7 +199,7 @@ def train_dlb(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, lr:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     generator = generator or torch.Generator().manual_seed(0)
     device, n = images.device, len(images)
-    optimizer, schedule = _sgd(model.parameters(), lr, epochs)
+    optimizer, schedule = sgd_with_schedule(model.parameters(), lr, epochs)
     model.train()
     x_prev = images[:0]
     soft_targets = torch.empty(0, device=device)
@@ -331,34 +313,12 @@ def training_subset(train: ImageDataset, per_class: int | None, seed: int) -> tu
     return train.sample_per_class(per_class, torch.Generator().manual_seed(seed))
 
 
-def repeat_runs(label: str, build: Callable[[], nn.Module], fit: Callable[[nn.Module, torch.Generator], list[float]],
-                test: ImageDataset, runs: int, seed: int, epochs: int, lr: float, progress: bool = True,
-                log: list | None = None) -> tuple[EvalResult, float]:
-    """Train ``runs`` fresh networks (seeds ``seed + r``) with ``fit(model, generator)``.
-
-    Returns their final-epoch test accuracies as an :class:`EvalResult` named ``label`` and
-    the training seconds summed over runs; appends one dict per run to ``log`` if given.
-    """
-    accuracies, seconds = [], 0.0
-    for run in tqdm(range(runs), desc=label, disable=not progress, leave=False):
-        torch.manual_seed(seed + run)
-        model = build().to(test.device)
-        start = time.perf_counter()
-        losses = fit(model, torch.Generator().manual_seed(seed + run))
-        elapsed = time.perf_counter() - start
-        accuracies.append(accuracy(model, test.images, test.labels))
-        seconds += elapsed
-        if log is not None:
-            log.append({"method": label, "run": run, "seed": seed + run, "accuracy": accuracies[-1],
-                        "seconds": round(elapsed, 3), "losses": losses})
-    return EvalResult(label, tuple(accuracies), epochs, lr), seconds
-
-
 def kd_experiment(config: KDConfig, teacher: nn.Module | None = None, progress: bool = True,
                   log: list | None = None) -> dict:
     """Student alone vs student with KD at the same seeds (same initial weights, same batches).
 
-    Returns ``{"teacher_accuracy": float, "student", "kd": EvalResult, "seconds": {method: s}}``.
+    Returns ``{"teacher_accuracy": float, "student", "kd": EvalResult, "seconds": {method: s},
+    "images_per_class": int}``.
 
     ``teacher``: a trained network; default expert 0 of ``config.teacher_store`` if set, else a
     ``config.teacher`` trained for ``teacher_epochs`` epochs on the whole training split.
@@ -392,14 +352,14 @@ def kd_experiment(config: KDConfig, teacher: nn.Module | None = None, progress: 
         lambda m, g: train_student(teacher, m, images, labels, config.T, config.alpha, generator=g, **common),
         test, config.runs, config.seed, config.epochs, config.lr, progress, log)
     return {"teacher_accuracy": accuracy(teacher, test.images, test.labels), "student": student, "kd": kd,
-            "seconds": seconds}
+            "seconds": seconds, "images_per_class": len(images) // train.num_classes}
 
 
 def dlb_experiment(config: DLBConfig, progress: bool = True, log: list | None = None) -> dict:
     """Plain training vs DLB at equal sample exposures on (optionally noisy) labels.
 
     Both start from the same seeds (same initial weights). Returns ``{"plain", "dlb": EvalResult,
-    "seconds": {method: s}, "exposures": int, "seconds_per_exposure": {method: s}}`` where
+    "seconds": {method: s}, "exposures": int, "seconds_per_exposure": {method: s}, "images_per_class": int}`` where
     ``exposures`` is the budget of one run (``epochs x n``).
     """
     device = resolve_device(config.device)
@@ -423,14 +383,30 @@ def dlb_experiment(config: DLBConfig, progress: bool = True, log: list | None = 
     exposures = config.epochs * len(images)
     per_exposure = {name: s / (config.runs * exposures) for name, s in seconds.items()}
     return {"plain": plain, "dlb": dlb, "seconds": seconds, "exposures": exposures,
-            "seconds_per_exposure": per_exposure}
+            "seconds_per_exposure": per_exposure, "images_per_class": len(images) // train.num_classes}
 
 
-def _write_run(out_dir, config, results: dict, log: list, started: float) -> dict:
-    """config.json, results.json (per-seed accuracies, mean, std, seconds) and log.jsonl."""
-    summary = {name: {"label": r.model, "accuracies": list(r.accuracies), "mean": r.mean, "std": r.std}
-               for name, r in results.items() if isinstance(r, EvalResult)}
-    summary.update({k: v for k, v in results.items() if not isinstance(v, EvalResult)})
+def _run(config: KDConfig | DLBConfig, out_dir, experiment, model: str, model_kwargs: dict,
+         cards: dict[str, tuple[str, str]], progress: bool) -> dict:
+    """``experiment(config, progress=, log=)`` into run folder ``out_dir``: config.json, results.json (per-seed
+    accuracies, mean, std, protocol card, seconds) and log.jsonl; returns what results.json holds.
+
+    cards: result name -> (label, hard | soft): soft when a distillation term trains on soft targets.
+    """
+    config.validate()
+    started, log = time.perf_counter(), []
+    results = experiment(config, progress=progress, log=log)
+    summary = {}
+    for name, r in results.items():
+        if isinstance(r, EvalResult):
+            label, labels = cards[name]
+            card = ProtocolCard(label, results["images_per_class"], labels, zca=False, dsa_distill=None,
+                                dsa_eval=config.dsa, eval_model=model, eval_width=model_kwargs.get("width"),
+                                epochs=config.epochs, runs=config.runs)
+            summary[name] = {"label": r.model, "accuracies": list(r.accuracies), "mean": r.mean, "std": r.std,
+                             "card": card.as_dict(), "card_line": card.line()}
+        else:
+            summary[name] = r
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
     save_experiment(out_dir, asdict(config), summary, log)
     return summary
@@ -438,13 +414,11 @@ def _write_run(out_dir, config, results: dict, log: list, started: float) -> dic
 
 def run_kd(config: KDConfig, out_dir, progress: bool = True) -> dict:
     """:func:`kd_experiment` into run folder ``out_dir``; returns what ``results.json`` holds."""
-    config.validate()
-    started, log = time.perf_counter(), []
-    return _write_run(out_dir, config, kd_experiment(config, progress=progress, log=log), log, started)
+    return _run(config, out_dir, kd_experiment, config.student, config.student_kwargs,
+                {"student": ("student", "hard"), "kd": ("student + KD", "soft")}, progress)
 
 
 def run_dlb(config: DLBConfig, out_dir, progress: bool = True) -> dict:
     """:func:`dlb_experiment` into run folder ``out_dir``; returns what ``results.json`` holds."""
-    config.validate()
-    started, log = time.perf_counter(), []
-    return _write_run(out_dir, config, dlb_experiment(config, progress=progress, log=log), log, started)
+    return _run(config, out_dir, dlb_experiment, config.model, config.model_kwargs,
+                {"plain": ("plain", "hard"), "dlb": ("DLB", "soft")}, progress)

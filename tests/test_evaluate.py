@@ -130,3 +130,38 @@ def test_lr_drops_tenfold_at_half_the_epochs(splits, test_set, monkeypatch, epoc
         expected = [0.03] * drop_at + [0.003] * (epochs - drop_at)
         assert lrs == pytest.approx(expected, rel=1e-12)
     assert all((m, wd) == (0.9, 5e-4) for _, m, wd in seen)
+
+
+def test_the_recipe_is_plain_sgd_with_one_drop(splits, test_set):
+    """evaluate_synset = fit under repeat_runs: the same accuracies as SGD + MultiStepLR written out by hand,
+    with the draws in the same order (global seed, init, then one generator for shuffling and DSA)."""
+    from mtt_lab.augment import default_strategy
+    from mtt_lab.models import get_model
+    from mtt_lab.train import accuracy, train_epoch
+
+    images, labels = real_subset(splits, 2)
+    got = tiny_eval(images, labels, test_set, epochs=4, runs=2, seed=5, lr=0.02).accuracies
+    want = []
+    for run in range(2):
+        torch.manual_seed(5 + run)
+        net = get_model("ConvNet", 1, 10, 28, **TINY)
+        opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+        g = torch.Generator().manual_seed(5 + run)
+        for _ in range(4):
+            train_epoch(net, opt, images, labels, 256, g, default_strategy(test_set.name))
+            schedule.step()
+        want.append(accuracy(net, test_set.images, test_set.labels))
+    assert got == tuple(want)
+    log = []
+    evaluate_module.evaluate_synset(images, labels, test_set, model_kwargs=TINY, epochs=2, runs=2, progress=False,
+                                    log=log)
+    assert [row["seed"] for row in log] == [0, 1] and all(len(row["losses"]) == 2 for row in log)
+
+
+def test_eval_result_is_the_one_summary():
+    r = EvalResult.of("experts", [0.8, 0.9])
+    assert r.mean == pytest.approx(0.85) and r.std == pytest.approx(0.05)
+    assert r.percent() == "85.00 ± 5.00 %" and str(r) == "experts: 85.00 ± 5.00 % (2 runs)"
+    d = r.as_dict()
+    assert d["accuracies"] == [0.8, 0.9] and d["mean"] == pytest.approx(0.85) and d["std"] == pytest.approx(0.05)
