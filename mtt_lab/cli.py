@@ -1,7 +1,11 @@
 """The ``mtt-lab`` command: experts, info, distill, evaluate, quickstart, kd, dlb.
 
 It only parses, calls the library and prints: run folders are ``mtt_lab.runs``, stores
-``mtt_lab.experts``. Every failure the user can fix (a bad value, a bad or missing file, a full
+``mtt_lab.experts``, the methods ``mtt_lab.family``. ``distill --method NAME`` runs any method into
+the same run-folder format; a method's settings are its config's fields, given as ``--set KEY=VALUE``
+(the explicit flags such as ``--syn-steps`` are shorthands for fields of the same name), and a field
+the method does not have is refused by name. Every accuracy printed, and every ``eval.json`` /
+``summary.json`` / ``results.json`` written, carries its protocol card (``family.ProtocolCard``). Every failure the user can fix (a bad value, a bad or missing file, a full
 disk, a diverged run, a locked folder) is printed as one line and exits with status 2; ``--debug``
 shows the traceback instead.
 """
@@ -9,6 +13,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from dataclasses import asdict
@@ -18,13 +23,17 @@ import torch
 
 from . import __version__, distributed
 from .cpu_memory import keep_freed_memory
+from .coresets import expert_embedder, herding, k_center, random_coreset
 from .data import DATASETS, DatasetUnavailable, ImageDataset, load_splits
-from .distill import MODES, DistillConfig, DivergenceError
+from .distill import DistillConfig, DivergenceError
 from .evaluate import EvalResult, evaluate_synset
 from .experts import ExpertConfig, TrajectoryStore, train_experts
+from .family import NAMES, ProtocolCard, method_config
 from .files import FileError, atomic_write_json
 from .models import MODELS
-from .runs import RunFolder, distill_run
+from .runs import RunFolder, distill_run, family_run
+from .soft_labels import SoftLabelConfig, soft_label_set
+from .synthetic import check_choice
 from .train import resolve_device
 
 # the errors a user can act on: printed as one line, exit status 2
@@ -76,61 +85,132 @@ def cmd_info(args) -> int:
     return 1 if problems else 0
 
 
-def _distill_config(args, **overrides) -> DistillConfig:
-    fields = dict(ipc=args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                  max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
-                  lr_teacher=args.lr_teacher, batch_syn=args.batch_syn, pix_init=args.pix_init,
-                  iterations=DistillConfig.iterations if args.iterations is None else args.iterations,
-                  mode=args.mode, trajectories=args.trajectories, batched=args.batched, soft_labels=args.soft_labels,
-                  pixel_limit=args.pixel_limit,
-                  ema_decay=args.ema_decay, seed=args.seed, device=args.device)
-    return DistillConfig(**{**fields, **overrides})
+# the explicit flags of `distill`: shorthands for the config field of the same name (--set sets any field)
+SETTING_FLAGS = ("ipc", "iterations", "pix_init", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr",
+                 "lr_teacher", "batch_syn", "mode", "trajectories", "batched", "soft_labels", "ema_decay", "pixel_limit")
+
+
+def _value(text: str):
+    """A ``--set`` value: a Python literal (``10``, ``0.5``, ``{'width': 8}``), true/false/none, else the text."""
+    words = {"true": True, "false": False, "none": None}
+    if text.strip().lower() in words:
+        return words[text.strip().lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _settings(args) -> dict:
+    """The method's config fields the command line sets: the explicit flags given, then ``--set KEY=VALUE``."""
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    for pair in args.set or []:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set window=20")
+        if key in settings:
+            raise ValueError(f"{key} is set twice (--set {pair!r} and an earlier flag); give it once")
+        settings[key] = _value(text)
+    return settings
 
 
 def cmd_distill(args) -> None:
     ctx = distributed.current()
-    store = ctx.agree(TrajectoryStore, args.experts)  # every process must see the store
-    config = _distill_config(args, device=str(ctx.device))
-    if args.resume:  # the run's own settings; --iterations may extend it
-        config = DistillConfig(**ctx.agree(lambda: RunFolder(args.out).read_config())["distill"])
-        config.iterations = config.iterations if args.iterations is None else args.iterations
-        config.device = str(ctx.device)
-    config.validate(store.epochs)  # before the data are loaded
-    train, _ = ctx.agree(load_splits, store.dataset, zca=store.zca, device=ctx.device)
-    distiller = distill_run(store, train, config, Path(args.out), args.checkpoint_every, args.resume, args.overwrite)
-    if ctx.is_main:
-        print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {args.out}")
+    recorded = ctx.agree(lambda: RunFolder(args.out).read_config()) if args.resume else None
+    if recorded:  # the run's own settings; --iterations may extend it
+        method = recorded["method"]
+        if args.method not in (None, method):
+            raise ValueError(f"--method {args.method}: {args.out} holds a {method} run; resume it with --method "
+                             f"{method} (or without --method)")
+        settings = {**recorded["distill"], **({} if args.iterations is None else {"iterations": args.iterations})}
+    else:
+        method = args.method or "mtt"
+        settings = {"seed": args.seed, **_settings(args)}
+    config = method_config(method, **{**settings, "device": str(ctx.device)})
+    if method == "mtt":
+        if not args.experts:
+            raise ValueError("--method mtt matches expert trajectories: it needs --experts STORE (train them with "
+                             "`mtt-lab experts --out STORE`)")
+        if args.dataset is not None:
+            raise ValueError("--dataset is for the methods without experts; mtt distils the dataset of its --experts")
+        store = ctx.agree(TrajectoryStore, args.experts)  # every process must see the store
+        config.validate(store.epochs)  # before the data are loaded
+        train, _ = ctx.agree(load_splits, store.dataset, zca=store.zca, device=ctx.device)
+        distiller = distill_run(store, train, config, Path(args.out), args.checkpoint_every, args.resume, args.overwrite)
+        if ctx.is_main:
+            print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {args.out}")
+        return
+    if args.experts:
+        raise ValueError(f"--method {method} learns without expert trajectories; drop --experts (only mtt uses it)")
+    if ctx.world_size > 1:
+        raise ValueError(f"--method {method} runs in one process; only mtt splits its work under torchrun")
+    config.validate()  # before the data are loaded
+    train, _ = load_splits(recorded["dataset"] if recorded else args.dataset or "mnist10k", device=ctx.device)
+    learner = family_run(method, train, config, Path(args.out), args.checkpoint_every, args.resume, args.overwrite)
+    print(f"distilled {len(learner.labels)} images by {method} (evaluate with lr = {learner.lr:.5f}) into {args.out}")
+
+
+BASELINES = ("random", "herding", "k-center", "soft-labels", "full")
+NEED_EXPERTS = {"herding": "it selects in an expert's feature space", "k-center": "it selects in an expert's "
+                "feature space", "soft-labels": "an expert labels its images"}
+
+
+def card(method: str, labels, ipc: int, zca: bool, dsa_distill: bool | None, result: EvalResult,
+         width: int | None = None) -> ProtocolCard:
+    """The protocol card of an accuracy measured by ``evaluate_synset`` (DSA at evaluation, final epoch)."""
+    return ProtocolCard(method, ipc, "soft" if labels.ndim == 2 else "hard", zca, dsa_distill, dsa_eval=True,
+                        eval_model=result.model, eval_width=width, epochs=result.epochs, runs=len(result.accuracies))
 
 
 def cmd_evaluate(args) -> None:
     device = resolve_device(args.device)
     if args.run:
-        synthetic = RunFolder(args.run).read_synthetic_set()
-        images, labels = synthetic.images, synthetic.labels
+        folder = RunFolder(args.run)
+        synthetic = folder.read_synthetic_set()
+        images, labels, method = synthetic.images, synthetic.labels, synthetic.method
         # the test images go through the same preprocessing as the distilled ones (ZCA included)
         train, test = load_splits(synthetic.dataset, zca=synthetic.zca, device=device)
         lr = synthetic.syn_lr if args.lr is None else args.lr  # evaluation reuses the learned alpha
+        try:
+            dsa_distill = folder.read_config()["distill"]["dsa"]
+        except FileError:  # a set copied without its config: evaluated all the same
+            dsa_distill = None
+        zca = synthetic.zca
     else:
-        train, test = load_splits(args.dataset, device=device)
-        images, labels = _baseline_set(args.baseline, train, args.ipc, args.seed)
-        lr = 0.01 if args.lr is None else args.lr
-    results = []
+        check_choice("--baseline", args.baseline, BASELINES)
+        if args.baseline in NEED_EXPERTS and not args.experts:
+            raise ValueError(f"--baseline {args.baseline} needs --experts STORE ({NEED_EXPERTS[args.baseline]}); "
+                             f"random and full need none")
+        store = TrajectoryStore(args.experts) if args.experts else None
+        zca = bool(store and store.zca)
+        train, test = load_splits(store.dataset if store else args.dataset, zca=zca, device=device)
+        images, labels, base_lr = _baseline_set(args.baseline, train, store, args.ipc, args.seed)
+        lr = base_lr if args.lr is None else args.lr
+        method, dsa_distill = args.baseline, None
+    rows = []
     for model in args.models:
         result = evaluate_synset(images, labels, test, model=model, lr=lr, epochs=args.epochs,
                                  runs=args.runs, seed=args.seed)
-        print(result)
-        results.append(result)
+        protocol = card(method, labels, len(labels) // train.num_classes, zca, dsa_distill, result)
+        print(f"{result}\n  protocol: {protocol.line()}")
+        rows.append({**result.as_dict(), "card": protocol.as_dict()})
     if args.run:
-        RunFolder(args.run).save_eval([{**asdict(r), "mean": r.mean, "std": r.std} for r in results])
+        RunFolder(args.run).save_eval(rows)
 
 
-def _baseline_set(name: str, train: ImageDataset, ipc: int, seed: int):
+def _baseline_set(name: str, train: ImageDataset, store: TrajectoryStore | None, ipc: int, seed: int):
+    """``(images, labels, lr to evaluate with)`` of a baseline (``store`` for those an expert makes)."""
     generator = torch.Generator().manual_seed(seed)
     if name == "random":
-        return train.sample_per_class(ipc, generator)
+        return (*random_coreset(train, ipc, generator), 0.01)
     if name == "full":
-        return train.images, train.labels
-    raise ValueError(f"unknown baseline {name!r}; choose random or full")
+        return train.images, train.labels, 0.01
+    if name == "soft-labels":
+        soft = soft_label_set(store, train, SoftLabelConfig(ipc=ipc, seed=seed))
+        return soft.images, soft.labels, soft.lr
+    embed = expert_embedder(store, device=str(train.device))
+    return (*(herding(train, ipc, embed) if name == "herding" else k_center(train, ipc, embed)), 0.01)
 
 
 def cmd_quickstart(args) -> None:
@@ -157,14 +237,20 @@ def cmd_quickstart(args) -> None:
     kw = dict(test=test, model_kwargs=p.model_kwargs, epochs=p.eval_epochs, runs=p.eval_runs)
     random = evaluate_synset(random_images, random_labels, lr=0.01, **kw)
     mtt = evaluate_synset(distiller.final_images(), distiller.labels, lr=distiller.syn_lr, **kw)
-    expert_acc = [store.metrics(i)["test_acc"][-1] for i in range(len(store))]
+    experts = EvalResult.of("ConvNet", [store.metrics(i)["test_acc"][-1] for i in range(len(store))],
+                            p.expert_epochs_trained, store.manifest["config"]["lr"])
+    width = p.model_kwargs.get("width")
+    cards = {"random": card("Random", random_labels, 1, False, None, random, width),
+             "mtt": card("MTT", distiller.labels, 1, False, config.dsa, mtt, width),
+             "experts": card("Experts", train.labels, len(train) // train.num_classes, False, None, experts, width)}
     seconds = time.perf_counter() - t0
-    summary = {"random_acc": list(random.accuracies), "mtt_acc": list(mtt.accuracies), "expert_acc": expert_acc,
+    summary = {"random_acc": list(random.accuracies), "mtt_acc": list(mtt.accuracies),
+               "expert_acc": list(experts.accuracies), "cards": {k: c.as_dict() for k, c in cards.items()},
                "seconds": round(seconds, 1), "preset": asdict(p)}
     atomic_write_json(out / "summary.json", summary)
     print()
-    print(_table([("Random real, IPC 1", random), ("MTT distilled, IPC 1", mtt),
-                  ("Experts (all 8,000 images)", expert_acc)]))
+    print(_table([("Random real, IPC 1", random, cards["random"]), ("MTT distilled, IPC 1", mtt, cards["mtt"]),
+                  (f"Experts (all {len(train):,} images)", experts, cards["experts"])]))
     print(f"\nimages: {out / 'run' / 'grid.png'}   summary: {out / 'summary.json'}   ({seconds:.0f} s)")
 
 
@@ -189,17 +275,15 @@ def cmd_dlb(args) -> None:
 def _print_results(summary: dict, out) -> None:
     for name, row in summary.items():
         if isinstance(row, dict) and "accuracies" in row:
-            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({len(row['accuracies'])} runs)")
+            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({len(row['accuracies'])} runs)\n"
+                  f"  protocol: {row['card_line']}")
     print(f"results: {Path(out) / 'results.json'}")
 
 
-def _table(rows) -> str:
+def _table(rows: list[tuple[str, EvalResult, ProtocolCard]]) -> str:
     lines = [f"{'training set':<28} {'test accuracy (final epoch)':>28}", "-" * 57]
-    for name, r in rows:
-        accs = r.accuracies if isinstance(r, EvalResult) else r
-        mean = sum(accs) / len(accs)
-        std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
-        lines.append(f"{name:<28} {100 * mean:>20.2f} ± {100 * std:.2f} %")
+    for name, result, protocol in rows:
+        lines += [f"{name:<28} {result.percent():>28}", f"  protocol: {protocol.line()}"]
     return "\n".join(lines)
 
 
@@ -244,28 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     d = DistillConfig()
-    p = command("distill", "distil a synthetic set by matching expert trajectories")
+    p = command("distill", "distil a synthetic set: MTT (matching expert trajectories) or another method")
     distributed_flags(p)
-    p.add_argument("--experts", required=True, help="trajectory store folder")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help=f"one of {', '.join(NAMES)} (default mtt; on --resume: the run's own)")
+    p.add_argument("--experts", default=None, help="trajectory store folder (mtt only)")
+    p.add_argument("--dataset", default=None, help="the data of the methods without experts (default mnist10k)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--ipc", type=int, default=d.ipc, help="images per class")
-    p.add_argument("--syn-steps", type=int, default=d.syn_steps, help="N, student steps per iteration")
-    p.add_argument("--expert-epochs", type=int, default=d.expert_epochs, help="M, target = theta*_{t+M}")
-    p.add_argument("--max-start-epoch", type=int, default=d.max_start_epoch, help="T+, start epoch in [0, T+)")
-    p.add_argument("--lr-img", type=float, default=d.lr_img)
-    p.add_argument("--lr-lr", type=float, default=d.lr_lr)
-    p.add_argument("--lr-teacher", type=float, default=d.lr_teacher, help="initial student step size alpha")
-    p.add_argument("--batch-syn", type=int, default=None, help="synthetic mini-batch (default: all)")
-    p.add_argument("--pix-init", default=d.pix_init, choices=["real", "noise"])
-    p.add_argument("--iterations", type=int, default=None, help=f"outer iterations (default {d.iterations})")
-    p.add_argument("--mode", default=d.mode, choices=list(MODES), help="gradient mode")
-    p.add_argument("--trajectories", type=int, default=d.trajectories,
-                   help="K: student unrolls averaged per iteration (under torchrun a multiple of the processes)")
-    p.add_argument("--batched", action="store_true", help="run the K unrolls as one stacked network (ConvNets)")
-    p.add_argument("--soft-labels", action="store_true", help="TESLA soft labels from an expert")
-    p.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
-    p.add_argument("--pixel-limit", type=float, default=d.pixel_limit,
-                   help="stop when a pixel leaves +-this (normalised units): the run has diverged")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any field of the method's config, e.g. --set window=20 --set model_kwargs={'width':32} "
+                        "(repeatable; a field the method lacks is refused with the list of its fields)")
+    p.add_argument("--ipc", type=int, default=None, help=f"images per class (default {d.ipc})")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
+    p.add_argument("--pix-init", default=None, help="real | noise (default: the method's)")
+    mtt = p.add_argument_group("shorthands for MTT's fields (the same as --set; defaults: DistillConfig's)")
+    mtt.add_argument("--syn-steps", type=int, default=None, help=f"N, student steps per iteration ({d.syn_steps})")
+    mtt.add_argument("--expert-epochs", type=int, default=None, help=f"M, target = theta*_{{t+M}} ({d.expert_epochs})")
+    mtt.add_argument("--max-start-epoch", type=int, default=None, help=f"T+, start epoch in [0, T+) ({d.max_start_epoch})")
+    mtt.add_argument("--lr-img", type=float, default=None, help=f"pixel learning rate ({d.lr_img:g})")
+    mtt.add_argument("--lr-lr", type=float, default=None, help=f"learning rate of alpha ({d.lr_lr:g})")
+    mtt.add_argument("--lr-teacher", type=float, default=None, help=f"initial student step size alpha ({d.lr_teacher})")
+    mtt.add_argument("--batch-syn", type=int, default=None, help="synthetic mini-batch (default: all)")
+    mtt.add_argument("--mode", default=None, help=f"gradient mode ({d.mode})")
+    mtt.add_argument("--trajectories", type=int, default=None,
+                     help="K: student unrolls averaged per iteration (under torchrun a multiple of the processes)")
+    mtt.add_argument("--batched", action="store_true", default=None,
+                     help="run the K unrolls as one stacked network (ConvNets)")
+    mtt.add_argument("--soft-labels", action="store_true", default=None, help="TESLA soft labels from an expert")
+    mtt.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
+    mtt.add_argument("--pixel-limit", type=float, default=None,
+                     help=f"stop when a pixel leaves +-this (normalised units): the run has diverged ({d.pixel_limit:g})")
     p.add_argument("--checkpoint-every", type=int, default=50)
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -274,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "train fresh networks on a distilled set (or a baseline) and report test accuracy")
     p.add_argument("run", nargs="?", help="a run folder; omit to evaluate --baseline")
-    p.add_argument("--baseline", default="random", help="random | full (when no run folder is given)")
-    p.add_argument("--dataset", default="mnist10k")
+    p.add_argument("--baseline", default="random", help=f"{' | '.join(BASELINES)} (when no run folder is given)")
+    p.add_argument("--experts", default=None,
+                   help="trajectory store: needed by herding, k-center and soft-labels (its dataset is used)")
+    p.add_argument("--dataset", default="mnist10k", help="the baseline's dataset without --experts")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--models", nargs="+", default=["ConvNet"], help="architectures to train (cross-architecture)")
     p.add_argument("--epochs", type=int, default=300)

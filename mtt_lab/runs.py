@@ -1,11 +1,15 @@
 """Run folders: the files of one distillation run, and the only code that reads or writes them.
 
-A run folder (``mtt-lab distill --out RUN``, or :func:`distill_run`) holds::
+Every method writes the same folder (``mtt-lab distill --method NAME --out RUN``, or
+:func:`distill_run` for MTT and :func:`family_run` for the methods of ``family``)::
 
-    config.json      {"kind", "run_id", "distill": DistillConfig, "experts": store path, "store": its fingerprint}
-    checkpoint.pt    {"kind", "run_id", "state": Distiller.state_dict()}, rewritten every checkpoint_every iterations
-    log.jsonl        one StepRecord per line (iterations 1, 2, ...)
-    images.pt        {"kind", "run_id", "iteration", "images", "labels", "syn_lr", "dataset", "zca"}: the distilled set
+    config.json      {"kind", "run_id", "method", "distill": the method's config, "dataset", "zca",
+                      "experts": store path, "store": its fingerprint (both None but for MTT)}
+    checkpoint.pt    {"kind", "run_id", "method", "state": the method's state_dict()}, rewritten every
+                     checkpoint_every iterations
+    log.jsonl        one record per line (iterations 1, 2, ...): MTT's StepRecord, the others' OuterRecord
+    images.pt        {"kind", "run_id", "method", "iteration", "images", "labels", "syn_lr" (the lr to evaluate
+                     with), "dataset", "zca"}: the distilled set
     grid.png         the distilled images, one row per class
     eval.json        written by ``mtt-lab evaluate``
     .lock            held while a process writes the folder (see ``files.FolderLock``)
@@ -20,15 +24,18 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import ImageDataset
 from .distill import DistillConfig, Distiller
 from .experts import TrajectoryStore
+from .family import METHODS, method_config
+from .synthetic import SyntheticSet
 from .files import (LOCK_NAME, FileError, FolderLock, LineLog, atomic_write, atomic_write_json, bad_file, describe,
                     read_json, read_torch, require_keys, save_torch)
 
@@ -36,6 +43,28 @@ CONFIG, CHECKPOINT, LOG, IMAGES, GRID, EVAL = "config.json", "checkpoint.pt", "l
     "eval.json"
 RUN_FILES = (CONFIG, CHECKPOINT, LOG, IMAGES, GRID, EVAL)
 KIND_CONFIG, KIND_CHECKPOINT, KIND_IMAGES = "mtt_lab run config", "mtt_lab distill checkpoint", "mtt_lab synthetic set"
+# what a checkpoint's state holds: MTT's Distiller.state_dict, the others' SyntheticSet.state_dict
+STATE_KEYS = {
+    "mtt": {"images": Tensor, "labels": Tensor, "syn_lr": Tensor, "opt_img": dict, "opt_lr": dict,
+            "generator": Tensor, "iteration": int, "config": dict},
+    "family": {"learnables": list, "labels": Tensor, "optimizer": dict, "generator": Tensor, "iteration": int,
+               "config": dict},
+}
+Learner = Distiller | SyntheticSet
+
+
+def method_of(learner: Learner) -> str:
+    """The ``--method`` name of a distiller (``mtt``) or of a method of the family."""
+    if isinstance(learner, Distiller):
+        return "mtt"
+    return next(name for name, (_, cls) in METHODS.items() if type(learner) is cls)
+
+
+def distilled_set(learner: Learner) -> tuple[Tensor, Tensor, float]:
+    """``(images, labels, lr to evaluate with)`` of a distiller: MTT's final images (its EMA when on) and alpha."""
+    if isinstance(learner, Distiller):
+        return learner.final_images(), learner.labels, learner.syn_lr
+    return learner.images, learner.labels, learner.lr
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,8 @@ class SavedSet:
 
     images ``[C * ipc, c, h, w]`` float32 in the model's input space (normalised, and ZCA-whitened
     when ``zca``: evaluate against test data whitened the same way); labels ``[C * ipc]`` int64 or
-    soft ``[C * ipc, C]``; ``syn_lr`` the learned alpha; ``iteration`` the run's iteration when saved.
+    soft ``[C * ipc, C]``; ``syn_lr`` the lr to evaluate with (MTT's learned alpha); ``iteration`` the
+    run's iteration when saved; ``method`` the ``--method`` that distilled it.
     """
 
     images: Tensor
@@ -54,6 +84,7 @@ class SavedSet:
     zca: bool
     run_id: str
     iteration: int
+    method: str = "mtt"
 
 
 def store_fingerprint(store: TrajectoryStore) -> dict:
@@ -85,16 +116,22 @@ class RunFolder:
 
     # -- reading -------------------------------------------------------------------------------
     def read_config(self) -> dict:
+        """config.json, with ``method`` (``mtt`` in folders from before there were others) checked and
+        ``distill`` a valid set of that method's settings."""
         expected, todo = "a run config (config.json of `mtt-lab distill`)", "distil into a new folder"
         config = read_json(self.file(CONFIG), expected, todo)
-        require_keys(self.file(CONFIG), config, {"kind": str, "run_id": str, "distill": dict, "experts": str,
-                                                 "store": dict}, expected, todo)
+        require_keys(self.file(CONFIG), config, {"kind": str, "run_id": str, "distill": dict}, expected, todo)
         if config["kind"] != KIND_CONFIG:
             raise bad_file(self.file(CONFIG), expected, describe(config), todo)
+        config.setdefault("method", "mtt")
+        if config["method"] == "mtt":
+            require_keys(self.file(CONFIG), config, {"experts": str, "store": dict}, expected, todo)
+        else:
+            require_keys(self.file(CONFIG), config, {"dataset": str, "zca": bool}, expected, todo)
         try:
-            DistillConfig(**config["distill"])
-        except TypeError as exc:
-            raise bad_file(self.file(CONFIG), expected, f"unknown settings ({exc})", todo) from exc
+            method_config(config["method"], **config["distill"])
+        except (TypeError, ValueError) as exc:
+            raise bad_file(self.file(CONFIG), expected, f"unknown method or settings ({exc})", todo) from exc
         return config
 
     def read_checkpoint(self, run_id: str | None = None) -> dict:
@@ -105,9 +142,8 @@ class RunFolder:
         require_keys(self.file(CHECKPOINT), checkpoint, {"kind": str, "run_id": str, "state": dict}, expected, todo)
         if checkpoint["kind"] != KIND_CHECKPOINT:
             raise bad_file(self.file(CHECKPOINT), expected, describe(checkpoint), todo)
-        require_keys(self.file(CHECKPOINT), checkpoint["state"], {
-            "images": Tensor, "labels": Tensor, "syn_lr": Tensor, "opt_img": dict, "opt_lr": dict,
-            "generator": Tensor, "iteration": int, "config": dict}, expected, todo)
+        keys = STATE_KEYS["mtt" if checkpoint.get("method", "mtt") == "mtt" else "family"]
+        require_keys(self.file(CHECKPOINT), checkpoint["state"], keys, expected, todo)
         self._same_run(CHECKPOINT, checkpoint["run_id"], run_id)
         return checkpoint["state"]
 
@@ -149,7 +185,7 @@ class RunFolder:
                            todo)
         self._same_run(IMAGES, data["run_id"], run_id)
         return SavedSet(images.float(), labels, data["syn_lr"], data["dataset"], data["zca"], data["run_id"],
-                        data["iteration"])
+                        data["iteration"], data.get("method", "mtt"))
 
     def _same_run(self, name: str, found: str, run_id: str | None) -> None:
         if run_id is not None and found != run_id:
@@ -169,15 +205,19 @@ class RunFolder:
 
         config = attempt(self.read_config)
         run_id = config["run_id"] if config else None
-        if config:
+        if config and config["method"] == "mtt":
             d = config["distill"]
-            lines.append(f"run folder {self.path}: experts {config['experts']} "
+            lines.append(f"run folder {self.path}: MTT, experts {config['experts']} "
                          f"({_store_summary(config['store'])}), IPC {d['ipc']}, N = {d['syn_steps']}, "
                          f"M = {d['expert_epochs']}, {d['iterations']} iterations, mode {d['mode']}")
+        elif config:
+            d = config["distill"]
+            lines.append(f"run folder {self.path}: {config['method']} on {config['dataset']}, IPC {d['ipc']}, "
+                         f"{d['iterations']} iterations")
         log = attempt(self.read_log)
         if log:
-            lines.append(f"  {len(log)} iterations logged; last loss {log[-1]['loss']:.4f}, alpha "
-                         f"{log[-1]['syn_lr']:.5f}")
+            alpha = f", alpha {log[-1]['syn_lr']:.5f}" if "syn_lr" in log[-1] else ""
+            lines.append(f"  {len(log)} iterations logged; last loss {log[-1]['loss']:.4f}{alpha}")
         state = attempt(lambda: self.read_checkpoint(run_id)) if self.file(CHECKPOINT).exists() or config else None
         saved = attempt(lambda: self.read_synthetic_set(run_id)) if self.file(IMAGES).exists() else None
         if state is not None:
@@ -200,37 +240,49 @@ class RunFolder:
         return lines, problems
 
     # -- writing -------------------------------------------------------------------------------
-    def start(self, config: DistillConfig, store: TrajectoryStore) -> str:
+    def start(self, learner: Learner, store: TrajectoryStore | None = None) -> str:
         """A fresh run: earlier run files removed, config.json written, an empty log. Returns the run id."""
         for name in RUN_FILES:
             self.file(name).unlink(missing_ok=True)
         run_id = uuid.uuid4().hex
-        atomic_write_json(self.file(CONFIG), {"kind": KIND_CONFIG, "run_id": run_id, "distill": asdict(config),
-                                              "experts": str(store.path), "store": store_fingerprint(store)})
+        atomic_write_json(self.file(CONFIG), {
+            "kind": KIND_CONFIG, "run_id": run_id, "method": method_of(learner), "distill": asdict(learner.config),
+            "dataset": learner.train.name, "zca": learner.train.zca is not None,
+            "experts": None if store is None else str(store.path),
+            "store": None if store is None else store_fingerprint(store)})
         atomic_write(self.file(LOG), b"")
         return run_id
 
-    def save_checkpoint(self, run_id: str, distiller: Distiller) -> None:
-        save_torch(self.file(CHECKPOINT), {"kind": KIND_CHECKPOINT, "run_id": run_id, "state": distiller.state_dict()})
+    def save_checkpoint(self, run_id: str, learner: Learner) -> None:
+        save_torch(self.file(CHECKPOINT), {"kind": KIND_CHECKPOINT, "run_id": run_id, "method": method_of(learner),
+                                           "state": learner.state_dict()})
 
-    def save_synthetic_set(self, run_id: str, distiller: Distiller) -> None:
+    def save_synthetic_set(self, run_id: str, learner: Learner) -> None:
         """images.pt and grid.png."""
         from .viz import grid_png
 
-        images = distiller.final_images().cpu()
+        images, labels, lr = distilled_set(learner)
+        images = images.cpu()
         save_torch(self.file(IMAGES), {
-            "kind": KIND_IMAGES, "run_id": run_id, "iteration": distiller.iteration, "images": images,
-            "labels": distiller.labels.cpu(), "syn_lr": distiller.syn_lr, "dataset": distiller.train.name,
-            "zca": distiller.train.zca is not None})
-        atomic_write(self.file(GRID), grid_png(images, distiller.train))
+            "kind": KIND_IMAGES, "run_id": run_id, "method": method_of(learner), "iteration": learner.iteration,
+            "images": images, "labels": labels.cpu(), "syn_lr": lr, "dataset": learner.train.name,
+            "zca": learner.train.zca is not None})
+        atomic_write(self.file(GRID), grid_png(images, learner.train))
 
     def save_eval(self, rows: list[dict]) -> None:
         atomic_write_json(self.file(EVAL), rows)
 
 
+def _same_method(folder: RunFolder, config: dict, method: str) -> None:
+    if config["method"] != method:
+        raise FileError(f"--resume: {folder.path} holds a {config['method']} run, not {method}; resume it with "
+                        f"--method {config['method']} or distil {method} into another folder")
+
+
 def check_resumable(folder: RunFolder, store: TrajectoryStore) -> tuple[dict, dict]:
-    """``(config.json, checkpoint state)`` of a run to resume with ``store``; raise if they do not belong together."""
+    """``(config.json, checkpoint state)`` of an MTT run to resume with ``store``; raise if they do not belong together."""
     config = folder.read_config()
+    _same_method(folder, config, "mtt")
     recorded, given = config["store"], store_fingerprint(store)
     if recorded != given:
         raise FileError(f"--resume: {folder.path} was distilled from {_store_summary(recorded)} "
@@ -241,38 +293,92 @@ def check_resumable(folder: RunFolder, store: TrajectoryStore) -> tuple[dict, di
     return config, folder.read_checkpoint(config["run_id"])
 
 
+def _check_every(checkpoint_every) -> None:
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be an integer >= 1 (iterations between checkpoints), "
+                         f"got {checkpoint_every}")
+
+
+def _check_shape(folder: RunFolder, state_images: Tensor, learner: Learner, source: str) -> None:
+    if tuple(state_images.shape) != tuple(learner.images.shape):
+        raise FileError(f"{folder.file(CHECKPOINT)}: holds images of shape {list(state_images.shape)}, but {source} "
+                        f"give {list(learner.images.shape)}; pass the {source} the run was made with")
+
+
+def _check_unused(folder: RunFolder, overwrite: bool) -> None:
+    """A new run needs an empty folder, or ``overwrite``."""
+    if not folder.is_empty() and not overwrite:
+        what = "another run" if folder.is_run_folder() else "other files"
+        raise FileError(f"{folder.path} is not empty: it holds {what}; continue that run with --resume, replace "
+                        f"it with --overwrite, or choose another --out folder")
+
+
 def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConfig, run, checkpoint_every: int = 50,
                 resume: bool = False, overwrite: bool = False, progress: bool = True) -> Distiller:
-    """Distil into run folder ``run``: a new run, ``resume`` the one there exactly, or ``overwrite`` it.
+    """MTT into run folder ``run``: a new run, ``resume`` the one there exactly, or ``overwrite`` it.
 
     Everything (settings, every expert file, the folder's state) is checked before the folder is
     created or changed. A second process writing the same folder fails at once. Under torchrun
     every rank runs the distiller (they all hold the same images) and checks what it reads, and
     rank 0 alone locks and writes the folder.
     """
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ValueError(f"checkpoint_every must be an integer >= 1 (iterations between checkpoints), "
-                         f"got {checkpoint_every}")
+    _check_every(checkpoint_every)
     folder = RunFolder(run)
     distiller = Distiller(store, train, config)  # validates the settings and opens every expert file
-    ctx = distiller.ctx
 
-    def check() -> tuple[str | None, dict | None, list[dict] | None]:
-        """``(run id, checkpoint state, log)`` of the run to resume; raise if the folder cannot be used."""
-        if resume:
-            recorded, state = check_resumable(folder, store)
-            if tuple(state["images"].shape) != tuple(distiller.images.shape):
-                raise FileError(f"{folder.file(CHECKPOINT)}: holds images of shape {list(state['images'].shape)}, "
-                                f"but this store and dataset give {list(distiller.images.shape)}; pass the store the "
-                                f"run was made with")
-            return recorded["run_id"], state, folder.read_log(min_records=state["iteration"])
-        if not folder.is_empty() and not overwrite:
-            what = "another run" if folder.is_run_folder() else "other files"
-            raise FileError(f"{folder.path} is not empty: it holds {what}; continue that run with --resume, replace "
-                            f"it with --overwrite, or choose another --out folder")
-        return None, None, None
+    def check() -> tuple[str | None, list[dict] | None]:
+        """``(run id, log)`` of the run to resume, restored into the distiller; raise if the folder cannot be used."""
+        if not resume:
+            _check_unused(folder, overwrite)
+            return None, None
+        recorded, state = check_resumable(folder, store)
+        _check_shape(folder, state["images"], distiller, "store and dataset")
+        log = folder.read_log(min_records=state["iteration"])
+        distiller.load_state_dict(state)
+        distiller.update(iterations=config.iterations)  # a resumed run may be extended
+        return recorded["run_id"], log
 
-    run_id, state, log = ctx.agree(check)  # every rank has checked before rank 0 writes anything
+    run_id, log = distiller.ctx.agree(check)  # every rank has checked before rank 0 writes anything
+    _write(folder, distiller, distiller.ctx, run_id, log, store, checkpoint_every, progress)
+    return distiller
+
+
+def family_run(name: str, train: ImageDataset, config, run, checkpoint_every: int = 50, resume: bool = False,
+               overwrite: bool = False, progress: bool = True) -> SyntheticSet:
+    """Method ``name`` of ``family`` (``config``: its config) into run folder ``run``, as :func:`distill_run`.
+
+    ``resume`` rebuilds the method from the checkpoint's own config (the same initial draws) and
+    restores it exactly; only ``config.iterations`` is taken from ``config``, so a run may be extended.
+    """
+    _check_every(checkpoint_every)
+    folder = RunFolder(run)
+    method_class = METHODS[name][1]
+    if not resume:
+        learner = method_class(train, config)  # validates the settings and draws the initial set
+        _check_unused(folder, overwrite)
+        run_id, log = None, None
+    else:
+        recorded = folder.read_config()
+        _same_method(folder, recorded, name)
+        if (recorded["dataset"], recorded["zca"]) != (train.name, train.zca is not None):
+            raise FileError(f"--resume: {folder.path} was distilled from {recorded['dataset']}"
+                            f"{' (ZCA)' if recorded['zca'] else ''}, not {train.name}; load the data the run used")
+        state = folder.read_checkpoint(recorded["run_id"])
+        saved = type(config)(**state["config"])
+        replace(saved, iterations=config.iterations).validate()
+        learner = method_class(train, saved)
+        _check_shape(folder, state["learnables"][0], learner, "dataset and settings")
+        log = folder.read_log(min_records=state["iteration"])
+        learner.load_state_dict(state)
+        learner.config.iterations = config.iterations  # a resumed run may be extended
+        run_id = recorded["run_id"]
+    _write(folder, learner, distributed.current(), run_id, log, None, checkpoint_every, progress)
+    return learner
+
+
+def _write(folder: RunFolder, learner: Learner, ctx: distributed.Context, run_id: str | None, log: list[dict] | None,
+           store: TrajectoryStore | None, checkpoint_every: int, progress: bool) -> None:
+    """Lock the folder (rank 0), start it or cut its log back to the restored iteration, then run."""
     with contextlib.ExitStack() as held:
         def lock() -> None:
             if ctx.is_main:
@@ -280,38 +386,42 @@ def distill_run(store: TrajectoryStore, train: ImageDataset, config: DistillConf
                 held.enter_context(FolderLock(folder.path, "run folder"))
 
         ctx.agree(lock)
-        if resume:
-            distiller.load_state_dict(state)
-            distiller.update(iterations=config.iterations)  # a resumed run may be extended
+        if log is not None:
             if ctx.is_main:  # records written after the checkpoint are dropped: they will be recomputed identically
-                atomic_write(folder.file(LOG), "".join(_json_line(row) for row in log[:distiller.iteration]).encode())
+                atomic_write(folder.file(LOG), "".join(_json_line(row) for row in log[:learner.iteration]).encode())
         elif ctx.is_main:
-            run_id = folder.start(config, store)
-        _run(folder, run_id, distiller, checkpoint_every, progress and ctx.is_main, write=ctx.is_main)
+            run_id = folder.start(learner, store)
+        _run(folder, run_id, learner, checkpoint_every, progress and ctx.is_main, write=ctx.is_main)
         ctx.barrier()  # the run folder is complete before any rank returns
-    return distiller
 
 
 def _json_line(row: dict) -> str:
     return json.dumps(row) + "\n"
 
 
-def _run(folder: RunFolder, run_id: str | None, distiller: Distiller, checkpoint_every: int, progress: bool,
+def _postfix(record) -> dict:
+    """The progress bar's numbers: the loss, and MTT's alpha and pixel range."""
+    if not hasattr(record, "syn_lr"):
+        return {"loss": f"{record.loss:.3f}"}
+    return {"loss": f"{record.loss:.3f}", "lr": f"{record.syn_lr:.4f}",
+            "pixels": f"{record.pixel_min:.1f}..{record.pixel_max:.1f}"}
+
+
+def _run(folder: RunFolder, run_id: str | None, learner: Learner, checkpoint_every: int, progress: bool,
          write: bool = True) -> None:
     """The iterations; with ``write`` (rank 0) the log, the checkpoints and the synthetic set."""
-    total = distiller.config.iterations
-    with tqdm(total=total, initial=distiller.iteration, desc="distill", disable=not progress) as bar, \
+    total = learner.config.iterations
+    with tqdm(total=total, initial=learner.iteration, desc=method_of(learner), disable=not progress) as bar, \
             (LineLog(folder.file(LOG)) if write else contextlib.nullcontext()) as log:
-        for record in distiller.steps():
+        for record in learner.steps():
             if write:
                 log.append([record.as_dict()])
             bar.update(1)
-            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.syn_lr:.4f}",
-                            pixels=f"{record.pixel_min:.1f}..{record.pixel_max:.1f}")
+            bar.set_postfix(**_postfix(record))
             if write and (record.iteration % checkpoint_every == 0 or record.iteration == total):
-                folder.save_checkpoint(run_id, distiller)
+                folder.save_checkpoint(run_id, learner)
     if write:
-        folder.save_synthetic_set(run_id, distiller)
+        folder.save_synthetic_set(run_id, learner)
 
 
 def save_experiment(out, config: dict, results: dict, log: list[dict]) -> None:

@@ -69,9 +69,62 @@ def test_evaluate_a_run_and_a_baseline(store_dir, tmp_path, capsys):
     rows = json.loads((run / "eval.json").read_text())
     assert [r["model"] for r in rows] == ["ConvNetW16", "LeNet"]
     assert all(len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 1 for r in rows)
+    assert [(r["card"]["method"], r["card"]["ipc"], r["card"]["labels"], r["card"]["dsa_distill"], r["card"]["epochs"],
+             r["card"]["runs"]) for r in rows] == [("mtt", 1, "hard", True, 3, 2)] * 2
+    out = capsys.readouterr().out
+    assert "protocol: mtt · IPC 1 · hard labels · no ZCA · DSA distill/eval yes/yes · LeNet · 3 ep · 2 runs" in out
     assert main(["evaluate", "--baseline", "random", "--ipc", "2", "--models", "ConvNetW16", "--epochs", "2",
                  "--runs", "1", "--device", "cpu"]) == 0
-    assert "ConvNetW16:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ConvNetW16:" in out and "protocol: random · IPC 2 · hard labels · no ZCA · DSA distill/eval n/a/yes" in out
+
+
+@pytest.mark.parametrize("baseline, labels", [("herding", "hard"), ("k-center", "hard"), ("soft-labels", "soft")])
+def test_baselines_made_with_an_expert(store_dir, baseline, labels, capsys):
+    assert main(["evaluate", "--baseline", baseline, "--experts", str(store_dir), "--models", "ConvNetW16",
+                 "--epochs", "1", "--runs", "1", "--device", "cpu"]) == 0
+    assert f"protocol: {baseline} · IPC 1 · {labels} labels · no ZCA · DSA distill/eval n/a/yes · ConvNetW16 · 1 ep" \
+        in capsys.readouterr().out
+
+
+# every method through the CLI, at tiny sizes: --set for its knobs, one run-folder format
+FAMILY = {"dc": ["--set", "batch_real=4"], "dm": ["--set", "batch_real=8"],
+          "rat-bptt": ["--set", "window=2", "--set", "max_unroll=3", "--set", "batch_real=16"],
+          "dd": ["--set", "steps=2", "--set", "batch_real=16"]}
+
+
+def method_args(method, store_dir, out, iterations, *extra):
+    if method == "mtt":
+        return distill_args(store_dir, out, iterations, *extra)
+    return ["distill", "--method", method, "--out", str(out), "--iterations", str(iterations), "--checkpoint-every",
+            "2", "--device", "cpu", "--set", "model_kwargs={'width': 4, 'depth': 1}", *FAMILY[method], *extra]
+
+
+@pytest.mark.parametrize("method", ["mtt", *FAMILY])
+def test_every_method_resumes_exactly(method, store_dir, tmp_path, capsys):
+    """2 iterations, then --resume to 4, gives the images, lr and log of 4 straight iterations."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(method_args(method, store_dir, straight, 4)) == 0
+    assert main(method_args(method, store_dir, resumed, 2)) == 0
+    assert main(["distill", "--out", str(resumed), "--iterations", "4", "--resume", "--device", "cpu",
+                 *(["--experts", str(store_dir)] if method == "mtt" else [])]) == 0
+    a = torch.load(straight / "images.pt", weights_only=True)
+    b = torch.load(resumed / "images.pt", weights_only=True)
+    assert a["method"] == b["method"] == method and b["iteration"] == 4
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"]) and a["syn_lr"] == b["syn_lr"]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    log_a, log_b = ((run / "log.jsonl").read_text().splitlines() for run in (straight, resumed))
+    assert len(log_a) == 4 and [strip(x) for x in log_a] == [strip(x) for x in log_b]
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["method"] == method and (config["experts"] is None) == (method != "mtt")
+    assert (resumed / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["info", str(resumed)]) == 0
+    assert "all files OK" in capsys.readouterr().out
+    assert main(method_args(method, store_dir, resumed, 2)) == 2  # a second run into the folder is refused
+    other = "dm" if method != "dm" else "dd"
+    assert main(["distill", "--method", other, "--out", str(resumed), "--resume", "--device", "cpu"]) == 2
+    assert f"holds a {method} run; resume it with --method {method}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -79,11 +132,26 @@ def test_evaluate_a_run_and_a_baseline(store_dir, tmp_path, capsys):
     (["experts", "--experts", "0", "--out", "x"], "num_experts must be >= 1, got 0"),
     (["distill", "--experts", "/nonexistent/store", "--out", "x"], "/nonexistent/store"),
     (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
+    (["distill", "--method", "kip", "--out", "x"], "method must be one of mtt, dc, dm, rat-bptt, dd; got 'kip'"),
+    (["distill", "--out", "x"], "--method mtt matches expert trajectories: it needs --experts STORE"),
+    (["distill", "--method", "rat-bptt", "--set", "window=5", "--set", "max_unroll=3", "--out", "x"],
+     "window W=5 is longer than the unroll length max_unroll=3"),
+    (["distill", "--method", "dm", "--ipc", "5000", "--out", "x"],
+     "ipc=5000 real images per class requested, but the smallest class of mnist10k has only"),
+    (["distill", "--method", "dm", "--syn-steps", "3", "--out", "x"], "dm has no setting syn_steps; its settings: ipc"),
+    (["distill", "--method", "dd", "--set", "steps", "--out", "x"], "--set 'steps': expected KEY=VALUE"),
+    (["distill", "--method", "dd", "--set", "steps=two", "--out", "x"], "steps must be int; got 'two'"),
+    (["distill", "--method", "dd", "--experts", "somewhere", "--out", "x"], "drop --experts (only mtt uses it)"),
+    (["evaluate", "--baseline", "soft-labels"], "--baseline soft-labels needs --experts STORE (an expert labels"),
+    (["evaluate", "--baseline", "herding"], "--baseline herding needs --experts STORE"),
+    (["evaluate", "--baseline", "best"], "--baseline must be one of random, herding, k-center, soft-labels, full"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_distill_rejects_a_start_epoch_beyond_the_trajectories(store_dir, tmp_path, capsys):
@@ -104,7 +172,8 @@ def test_quickstart_beats_random(tmp_path):
     """The README's demo: MTT at IPC 1 clearly beats the random real images it starts from."""
     assert main(["quickstart", "--out", str(tmp_path), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) >= {"random_acc", "mtt_acc", "expert_acc", "seconds"}
+    assert set(summary) >= {"random_acc", "mtt_acc", "expert_acc", "cards", "seconds"}
+    assert summary["cards"]["mtt"]["method"] == "MTT" and summary["cards"]["random"]["dsa_distill"] is None
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(summary["mtt_acc"]) > mean(summary["random_acc"]) + 0.1
     assert mean(summary["expert_acc"]) > 0.8
@@ -119,6 +188,7 @@ def test_kd_and_dlb_write_run_folders(store_dir, tmp_path, capsys):
         results = json.loads((tmp_path / run / "results.json").read_text())
         rows = [r for r in results.values() if isinstance(r, dict) and "accuracies" in r]
         assert len(rows) >= 2 and all(0 <= a <= 1 for r in rows for a in r["accuracies"])
+        assert {r["card"]["labels"] for r in rows} == {"hard", "soft"} and all(r["card"]["ipc"] == 5 for r in rows)
         assert json.loads((tmp_path / run / "config.json").read_text())["runs"] == 1
     assert "results.json" in capsys.readouterr().out
 
