@@ -5,7 +5,9 @@ It only parses, calls the library and prints: run folders are ``mtt_lab.runs``, 
 the same run-folder format; a method's settings are its config's fields, given as ``--set KEY=VALUE``
 (the explicit flags such as ``--syn-steps`` are shorthands for fields of the same name), and a field
 the method does not have is refused by name. Every accuracy printed, and every ``eval.json`` /
-``summary.json`` / ``results.json`` written, carries its protocol card (``family.ProtocolCard``). Every failure the user can fix (a bad value, a bad or missing file, a full
+``summary.json`` / ``results.json`` written, carries its protocol card (``family.ProtocolCard``).
+
+Every failure the user can fix (a bad value, a bad or missing file, a full
 disk, a diverged run, a locked folder) is printed as one line and exits with status 2; ``--debug``
 shows the traceback instead.
 """
@@ -86,8 +88,9 @@ def cmd_info(args) -> int:
 
 
 # the explicit flags of `distill`: shorthands for the config field of the same name (--set sets any field)
-SETTING_FLAGS = ("ipc", "iterations", "pix_init", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr",
-                 "lr_teacher", "batch_syn", "mode", "trajectories", "batched", "soft_labels", "ema_decay", "pixel_limit")
+SETTING_FLAGS = ("ipc", "iterations", "pix_init", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img",
+                 "lr_lr", "lr_teacher", "batch_syn", "mode", "trajectories", "batched", "soft_labels", "ema_decay",
+                 "pixel_limit")
 
 
 def _value(text: str):
@@ -137,7 +140,8 @@ def cmd_distill(args) -> None:
         store = ctx.agree(TrajectoryStore, args.experts)  # every process must see the store
         config.validate(store.epochs)  # before the data are loaded
         train, _ = ctx.agree(load_splits, store.dataset, zca=store.zca, device=ctx.device)
-        distiller = distill_run(store, train, config, Path(args.out), args.checkpoint_every, args.resume, args.overwrite)
+        distiller = distill_run(store, train, config, Path(args.out), args.checkpoint_every, args.resume,
+                                args.overwrite)
         if ctx.is_main:
             print(f"distilled {len(distiller.labels)} images (alpha = {distiller.syn_lr:.5f}) into {args.out}")
         return
@@ -344,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     mtt = p.add_argument_group("shorthands for MTT's fields (the same as --set; defaults: DistillConfig's)")
     mtt.add_argument("--syn-steps", type=int, default=None, help=f"N, student steps per iteration ({d.syn_steps})")
     mtt.add_argument("--expert-epochs", type=int, default=None, help=f"M, target = theta*_{{t+M}} ({d.expert_epochs})")
-    mtt.add_argument("--max-start-epoch", type=int, default=None, help=f"T+, start epoch in [0, T+) ({d.max_start_epoch})")
+    mtt.add_argument("--max-start-epoch", type=int, default=None,
+                     help=f"T+, start epoch in [0, T+) ({d.max_start_epoch})")
     mtt.add_argument("--lr-img", type=float, default=None, help=f"pixel learning rate ({d.lr_img:g})")
     mtt.add_argument("--lr-lr", type=float, default=None, help=f"learning rate of alpha ({d.lr_lr:g})")
     mtt.add_argument("--lr-teacher", type=float, default=None, help=f"initial student step size alpha ({d.lr_teacher})")
@@ -357,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     mtt.add_argument("--soft-labels", action="store_true", default=None, help="TESLA soft labels from an expert")
     mtt.add_argument("--ema-decay", type=float, default=None, help="FTD: keep an EMA of the images")
     mtt.add_argument("--pixel-limit", type=float, default=None,
-                     help=f"stop when a pixel leaves +-this (normalised units): the run has diverged ({d.pixel_limit:g})")
+                     help=f"stop when a pixel leaves +-this (normalised units): the run has diverged "
+                          f"({d.pixel_limit:g})")
     p.add_argument("--checkpoint-every", type=int, default=50)
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -75,7 +75,8 @@ class DDistiller(SyntheticSet):
         self.fn = Functional(self._network())
         self._fixed_theta = self.fn.flat_params() if c.init == "fixed" else None
         # eta_i = exp(rho_i), rho_i = log(lr_init)
-        self._log_lrs = torch.full((c.steps,), c.lr_init, device=self.device, dtype=self.dtype).log().requires_grad_(True)
+        self._log_lrs = torch.full((c.steps,), c.lr_init, device=self.device, dtype=self.dtype).log()
+        self._log_lrs.requires_grad_(True)
         self.optimizer = torch.optim.Adam([{"params": [self._images], "lr": c.lr_img},
                                            {"params": [self._log_lrs], "lr": c.lr_lr}])
         self.losses: list[float] = []

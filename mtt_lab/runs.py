@@ -280,7 +280,8 @@ def _same_method(folder: RunFolder, config: dict, method: str) -> None:
 
 
 def check_resumable(folder: RunFolder, store: TrajectoryStore) -> tuple[dict, dict]:
-    """``(config.json, checkpoint state)`` of an MTT run to resume with ``store``; raise if they do not belong together."""
+    """``(config.json, checkpoint state)`` of an MTT run to resume with ``store``; raise if they do not belong
+    together."""
     config = folder.read_config()
     _same_method(folder, config, "mtt")
     recorded, given = config["store"], store_fingerprint(store)
@@ -348,7 +349,8 @@ def family_run(name: str, train: ImageDataset, config, run, checkpoint_every: in
     """Method ``name`` of ``family`` (``config``: its config) into run folder ``run``, as :func:`distill_run`.
 
     ``resume`` rebuilds the method from the checkpoint's own config (the same initial draws) and
-    restores it exactly; only ``config.iterations`` is taken from ``config``, so a run may be extended.
+    restores it exactly; only ``config.iterations`` (a run may be extended) and ``config.device`` are
+    taken from ``config``.
     """
     _check_every(checkpoint_every)
     folder = RunFolder(run)
@@ -364,12 +366,12 @@ def family_run(name: str, train: ImageDataset, config, run, checkpoint_every: in
             raise FileError(f"--resume: {folder.path} was distilled from {recorded['dataset']}"
                             f"{' (ZCA)' if recorded['zca'] else ''}, not {train.name}; load the data the run used")
         state = folder.read_checkpoint(recorded["run_id"])
-        saved = type(config)(**state["config"])
+        saved = type(config)(**{**state["config"], "device": config.device})  # the run's settings, today's device
         replace(saved, iterations=config.iterations).validate()
         learner = method_class(train, saved)
         _check_shape(folder, state["learnables"][0], learner, "dataset and settings")
         log = folder.read_log(min_records=state["iteration"])
-        learner.load_state_dict(state)
+        learner.load_state_dict({**state, "config": asdict(saved)})
         learner.config.iterations = config.iterations  # a resumed run may be extended
         run_id = recorded["run_id"]
     _write(folder, learner, distributed.current(), run_id, log, None, checkpoint_every, progress)

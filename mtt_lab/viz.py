@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -393,12 +392,12 @@ def accuracy_bars(results: Mapping[str, Sequence[float] | EvalResult], title: st
     """
     names, means, stds, texts = [], [], [], []
     for name, result in results.items():
-        runs = result.accuracies if isinstance(result, EvalResult) else result
+        result = result if isinstance(result, EvalResult) else EvalResult.of(name, result)
         names.append(name)
-        means.append(100 * statistics.fmean(runs))
+        means.append(100 * result.mean)
+        stds.append(100 * result.std)
         # one run has no spread to show: say "1 run" rather than a "± 0.0" that looks like a measurement
-        stds.append(100 * statistics.pstdev(runs) if len(runs) > 1 else 0.0)
-        texts.append(f"{means[-1]:.1f} ± {stds[-1]:.1f}" if len(runs) > 1 else f"{means[-1]:.1f} (1 run)")
+        texts.append(f"{means[-1]:.1f} ± {stds[-1]:.1f}" if len(result.accuracies) > 1 else f"{means[-1]:.1f} (1 run)")
     fig = go.Figure(go.Bar(x=names, y=means, error_y=dict(type="data", array=stds, visible=True),
                            text=texts, textposition="inside"))
     fig.update_layout(title=title, yaxis=dict(title_text="test accuracy (%)", range=[0, 105]), height=380)
