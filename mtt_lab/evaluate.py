@@ -30,6 +30,7 @@ class EvalResult:
     accuracies: tuple[float, ...]
     epochs: int
     lr: float
+    curves: tuple[tuple[tuple[int, float], ...], ...] = ()  # per run ((epoch, accuracy), ...) when tracked
 
     @property
     def mean(self) -> float:
@@ -56,14 +57,17 @@ def evaluate_synset(
     seed: int = 0,
     model_kwargs: dict | None = None,
     progress: bool = True,
+    every: int = 0,
 ) -> EvalResult:
     """Train ``runs`` fresh ``model`` networks on ``images [n, c, h, w]`` / ``labels``, test on ``test``.
 
     labels: int64 ``[n]`` or soft labels ``[n, classes]``. ``lr`` is the initial learning rate
-    (pass the learned alpha for a distilled set). Everything runs on ``test``'s device.
+    (pass the learned alpha for a distilled set). Everything runs on ``test``'s device. With
+    ``every`` > 0 the test accuracy is also measured after epochs ``every, 2 * every, ...`` and
+    ``epochs``, into ``EvalResult.curves`` (it only reads the network: the final accuracies stay the same).
     """
-    if runs < 1 or epochs < 1:
-        raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
+    if runs < 1 or epochs < 1 or every < 0:
+        raise ValueError(f"runs and epochs must be >= 1 and every >= 0, got runs={runs}, epochs={epochs}, every={every}")
     check_rate("lr", lr)
     if not torch.isfinite(images).all():
         raise ValueError(f"the {len(images)} images to evaluate hold non-finite values (a diverged run?)")
@@ -73,7 +77,7 @@ def evaluate_synset(
     device = test.device
     images, labels = images.detach().to(device, torch.float32), labels.detach().to(device)
     strategy = default_strategy(test.name) if dsa else ""
-    accuracies = []
+    accuracies, curves = [], []
     for run in tqdm(range(runs), desc=f"evaluate {model}", disable=not progress, leave=False):
         torch.manual_seed(seed + run)
         net = get_model(model, test.channels, test.num_classes, test.image_size, **(model_kwargs or {})).to(device)
@@ -81,8 +85,12 @@ def evaluate_synset(
         # lr x 0.1 at half the epochs
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
         generator = torch.Generator().manual_seed(seed + run)
-        for _ in range(epochs):
+        curve = []
+        for epoch in range(1, epochs + 1):
             train_epoch(net, optimizer, images, labels, batch_size, generator, strategy)
             schedule.step()
-        accuracies.append(accuracy(net, test.images, test.labels))
-    return EvalResult(model, tuple(accuracies), epochs, lr)
+            if every and (epoch % every == 0 or epoch == epochs):
+                curve.append((epoch, accuracy(net, test.images, test.labels)))
+        accuracies.append(curve[-1][1] if curve else accuracy(net, test.images, test.labels))
+        curves.append(tuple(curve))
+    return EvalResult(model, tuple(accuracies), epochs, lr, tuple(curves) if every else ())
