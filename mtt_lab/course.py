@@ -101,52 +101,6 @@ def run_exercise(notebook: str, name: str, attempt, check) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference versions of the exercises that later sections build on (used while the exercise is not done)
-
-
-def train_and_track(images, labels, test, lr, epochs, every, seed=0, model="ConvNet", model_kwargs=None):
-    """The evaluation protocol for one network, with the test accuracy every ``every`` epochs.
-
-    Returns ``[(epoch, accuracy), ...]`` for epochs ``every, 2 * every, ..., epochs``; the last entry
-    equals ``evaluate_synset(..., runs=1, seed=seed)`` because the random draws happen in the same
-    order: the global seed before the network is built, then one generator for shuffling and DSA.
-    """
-    from .augment import default_strategy
-    from .evaluate import sgd_with_schedule
-    from .models import get_model
-    from .train import accuracy, train_epoch
-
-    images, labels = images.detach().to(test.device, torch.float32), labels.detach().to(test.device)
-    torch.manual_seed(seed)
-    net = get_model(model, test.channels, test.num_classes, test.image_size, **(model_kwargs or {})).to(test.device)
-    optimizer, scheduler = sgd_with_schedule(net.parameters(), lr, epochs)
-    generator = torch.Generator().manual_seed(seed)
-    strategy = default_strategy(test.name)
-    curve = []
-    for epoch in range(1, epochs + 1):
-        train_epoch(net, optimizer, images, labels, 256, generator, strategy)
-        scheduler.step()
-        if epoch % every == 0 or epoch == epochs:
-            curve.append((epoch, accuracy(net, test.images, test.labels)))
-    return curve
-
-
-def dd_replay(fn, theta0: torch.Tensor, images, labels, lrs) -> torch.Tensor:
-    """``theta0 [P]`` -> ``theta_N [P]`` (detached): one full-batch SGD step per step size in ``lrs``.
-
-    theta_{i+1} = theta_i - lrs[i] * grad_theta CE(fn(theta_i, images), labels).
-    """
-    import torch.nn.functional as F
-
-    theta = theta0.detach()
-    for eta in lrs:
-        theta = theta.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(fn(theta, images), labels), theta)
-        theta = (theta - eta * grad).detach()
-    return theta
-
-
-# ----------------------------------------------------------------------------------------------
 # Student versions: the course notebooks without their solutions (nbgrader's markers)
 
 SOLUTION_BEGIN, SOLUTION_END = "### BEGIN SOLUTION", "### END SOLUTION"

@@ -51,7 +51,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -304,6 +304,9 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
         self.skips = 0  # consecutive non-finite iterations
+        # called first by every step(): a dashboard driving this distiller pauses its run (or refuses, in one
+        # line) when other code steps it directly, instead of two threads updating the same images
+        self.before_step: Callable[[], None] | None = None
 
         # synthetic images: ipc real images per class, or Gaussian noise
         smallest = min(train.class_counts())
@@ -429,6 +432,8 @@ class Distiller:
         CPU generator, host tensors travel with :func:`~mtt_lab.augment.to_device`, a non-finite
         gradient is masked on the device, and the record's numbers come back in one copy at the end.
         """
+        if self.before_step is not None:
+            self.before_step()
         start_time = time.perf_counter()
         c = self.config
         # every process draws all K unrolls in the same order, so their generators stay equal

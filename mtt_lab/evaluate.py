@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ class EvalResult:
     accuracies: tuple[float, ...]
     epochs: int
     lr: float
+    curves: tuple[tuple[tuple[int, float], ...], ...] = ()  # per run ((epoch, accuracy), ...) when tracked
 
     @property
     def mean(self) -> float:
@@ -78,18 +79,22 @@ def sgd_with_schedule(params, lr: float, epochs: int):
 
 def fit(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, lr: float, batch_size: int = 256,
         strategy: str = "", generator: torch.Generator | None = None, loss_fn: Callable | None = None,
-        params=None, progress: bool = False, desc: str = "train") -> list[float]:
+        params=None, progress: bool = False, desc: str = "train",
+        after_epoch: Callable[[int], None] | None = None) -> list[float]:
     """Train ``model`` for ``epochs`` epochs on ``images [n, c, h, w]`` / ``labels`` (``[n]`` or soft ``[n, C]``).
 
     :func:`sgd_with_schedule` over ``params`` (default: all of ``model``'s), ``train.train_epoch``
-    with DSA ``strategy`` and ``loss_fn`` (default cross-entropy). Returns the mean loss of every epoch.
+    with DSA ``strategy`` and ``loss_fn`` (default cross-entropy); ``after_epoch(epoch)`` (1-based), if
+    given, is called after every epoch's lr step. Returns the mean loss of every epoch.
     """
     generator = generator or torch.Generator().manual_seed(0)
     optimizer, schedule = sgd_with_schedule(model.parameters() if params is None else params, lr, epochs)
     losses = []
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress, leave=False):
         losses.append(train_epoch(model, optimizer, images, labels, batch_size, generator, strategy, loss_fn))
         schedule.step()
+        if after_epoch is not None:
+            after_epoch(epoch)
     return losses
 
 
@@ -131,15 +136,18 @@ def evaluate_synset(
     model_kwargs: dict | None = None,
     progress: bool = True,
     log: list | None = None,
+    every: int = 0,
 ) -> EvalResult:
     """Train ``runs`` fresh ``model`` networks on ``images [n, c, h, w]`` / ``labels``, test on ``test``.
 
     labels: int64 ``[n]`` (hard) or soft labels ``[n, classes]`` (rows of probabilities: the
     cross-entropy then takes them as targets). ``lr`` is the initial learning rate (pass the learned
     alpha for a distilled set). Everything runs on ``test``'s device. ``log``: see :func:`repeat_runs`.
+    With ``every`` > 0 the test accuracy is also measured after epochs ``every, 2 * every, ...`` and
+    ``epochs``, into ``EvalResult.curves`` (it only reads the network: the final accuracies stay the same).
     """
-    if runs < 1 or epochs < 1:
-        raise ValueError(f"runs and epochs must be >= 1, got runs={runs}, epochs={epochs}")
+    if runs < 1 or epochs < 1 or every < 0:
+        raise ValueError(f"runs and epochs must be >= 1 and every >= 0, got runs={runs}, epochs={epochs}, every={every}")
     check_rate("lr", lr)
     if not torch.isfinite(images).all():
         raise ValueError(f"the {len(images)} images to evaluate hold non-finite values (a diverged run?)")
@@ -153,7 +161,19 @@ def evaluate_synset(
     def build() -> nn.Module:
         return get_model(model, test.channels, test.num_classes, test.image_size, **(model_kwargs or {}))
 
-    def train(net: nn.Module, generator: torch.Generator) -> list[float]:
-        return fit(net, images, labels, epochs, lr, batch_size, strategy, generator)
+    curves: list[tuple[tuple[int, float], ...]] = []
 
-    return repeat_runs(model, build, train, test, runs, seed, epochs, lr, progress, log)[0]
+    def train(net: nn.Module, generator: torch.Generator) -> list[float]:
+        curve: list[tuple[int, float]] = []
+
+        def track(epoch: int) -> None:
+            if epoch % every == 0 or epoch == epochs:
+                curve.append((epoch, accuracy(net, test.images, test.labels)))
+
+        losses = fit(net, images, labels, epochs, lr, batch_size, strategy, generator,
+                     after_epoch=track if every else None)
+        curves.append(tuple(curve))
+        return losses
+
+    result = repeat_runs(model, build, train, test, runs, seed, epochs, lr, progress, log)[0]
+    return replace(result, curves=tuple(curves)) if every else result

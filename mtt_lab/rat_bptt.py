@@ -1,7 +1,7 @@
 """Random truncated backpropagation through training (RaT-BPTT; Feng, Vedantam & Kempe, *Embarrassingly
 Simple Dataset Distillation*, ICLR 2024).
 
-Like Wang et al.'s DD (``baselines.DDistiller``) the synthetic set is learned so that a network
+Like Wang et al.'s DD (``dataset_distillation.DDistiller``) the synthetic set is learned so that a network
 *trained on it* does well on real data, with no expert trajectories; unlike DD, the gradient goes
 only through a random window of the training run. One outer iteration (:meth:`RaTBPTT.step`):
 

@@ -9,7 +9,8 @@ Images
 Trajectories
     :func:`fit_pca` finds the top principal directions of the experts' snapshots theta*_e;
     :func:`trajectory_figure` draws the experts in those coordinates, optionally with one
-    distillation iteration on top (theta*_t, the student's N steps, the target theta*_{t+M}).
+    distillation iteration on top (theta*_t, the student's N steps, the target theta*_{t+M});
+    :func:`expert_pca_figure` draws each expert in a PCA of its own, where training is visible.
 Training signals
     :func:`step_size_figure`, :func:`curves_figure`, :func:`accuracy_bars`, :func:`sweep_heatmap`.
 """
@@ -305,6 +306,41 @@ def trajectory_figure(store: TrajectoryStore, pca: PCA, dims: int = 2, experts: 
     if overlay is not None:
         traces += overlay_traces(overlay, dims)
     return go.Figure(traces, layout=pca_layout(pca.explained, dims, overlay.label() if overlay else None))
+
+
+def expert_pca_figure(store: TrajectoryStore, experts: Iterable[int] | None = None, columns: int = 3) -> go.Figure:
+    """Every expert in a PCA of its *own* snapshots, one panel each, PC1 and PC2 at the same scale.
+
+    A joint PCA of experts from different initialisations spends its first directions on the gaps
+    between them; fitted to one expert, PC1 is that expert's training. PC1 is oriented so that
+    epoch 0 lies left of epoch E; equal axis scales keep the path's shape true (a long thin path
+    is one that mostly moves along PC1). The axis titles give each component's share of that
+    expert's variance.
+    """
+    experts = list(range(len(store)) if experts is None else experts)
+    if not experts:
+        raise ValueError("expert_pca_figure needs at least one expert")
+    cols = max(1, min(columns, len(experts)))
+    rows = math.ceil(len(experts) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"expert {i}, its own PCA" for i in experts],
+                        horizontal_spacing=0.1, vertical_spacing=0.18)
+    coords = torch.zeros(len(store), store.epochs + 1, 2)  # [experts, E + 1, 2]: only the drawn rows are used
+    test_acc = [store.metrics(i)["test_acc"] for i in range(len(store))]
+    for n, i in enumerate(experts):
+        pca = fit_pca(store, experts=[i], k=2)
+        coords[i] = pca.project(store[i])
+        if coords[i, -1, 0] < coords[i, 0, 0]:  # a principal direction's sign is arbitrary: training runs rightwards
+            coords[i, :, 0] *= -1
+        row, col = n // cols + 1, n % cols + 1
+        for trace in trajectory_traces(coords, test_acc, 2, experts=[i]):
+            fig.add_trace(trace, row=row, col=col)
+        x_axis = "x" if n == 0 else f"x{n + 1}"
+        fig.update_xaxes(title_text=f"PC1 ({100 * float(pca.explained[0]):.1f}%)", row=row, col=col)
+        fig.update_yaxes(title_text=f"PC2 ({100 * float(pca.explained[1]):.1f}%)", scaleanchor=x_axis,
+                         scaleratio=1, row=row, col=col)
+    fig.update_layout(title="Each expert in a PCA of its own snapshots: PC1 is training", height=80 + 340 * rows,
+                      showlegend=False, margin=dict(l=10, r=10, t=90, b=10))
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,9 +49,10 @@ class DistillDashboard:
     Slider changes are applied with ``distiller.update`` before the next step and marked on the
     curves; a combination the store cannot serve (T+ - 1 + M > E) is reported in the dashboard,
     the sliders snap back to the values in use and the run goes on unchanged. Code that drives
-    the dashboard (``step()``, ``run_async()``) while Start's run is going pauses that run first
-    and says so. Reset restores the distiller as it was when the dashboard was made and clears
-    the curves, their axes, the marks and the messages.
+    the dashboard (``step()``, ``run_async()``) or the distiller (``distiller.step()``) while
+    Start's run is going pauses that run first and says so; ``distiller.step()`` while a cell's
+    ``run_async`` drives it is refused in one line. Reset restores the distiller as it was when the
+    dashboard was made and clears the curves, their axes, the marks and the messages.
     """
 
     def __init__(self, distiller: Distiller, update_every: int = 1, scale: int = 3, window: int = 10):
@@ -66,6 +67,8 @@ class DistillDashboard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._active = False  # a run (thread, async loop or single step) is going
+        self._stepping: int | None = None  # the thread inside the dashboard's own distiller.step()
+        distiller.before_step = self._guard_direct_step
         self._pending: dict | None = None  # slider values not applied yet
         self._syncing = False  # True while the sliders are set from the config
         self._last_refresh = -math.inf
@@ -218,6 +221,16 @@ class DistillDashboard:
         self._say(note)
         return note
 
+    def _guard_direct_step(self) -> None:
+        """``distiller.step()`` called by other code: pause Start's run first, refuse during a cell's run_async."""
+        if not self.running or self._stepping == threading.get_ident():
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._pause_for_code("distiller.step()")  # the step then runs; the dashboard's curves do not show it
+            return
+        raise RuntimeError("distiller.step() while the dashboard is running it from another cell (run_async): "
+                           "press Pause or call dash.pause() first, or step with dash.step()")
+
     def _begin_run(self, note: str = "") -> None:
         self._active = True
         self._stop.clear()
@@ -249,7 +262,11 @@ class DistillDashboard:
         """Apply pending slider values, take one distillation step, update the display."""
         with self._busy:
             self._apply_pending()
-            record = self.distiller.step(return_path=return_path)
+            self._stepping = threading.get_ident()
+            try:
+                record = self.distiller.step(return_path=return_path)
+            finally:
+                self._stepping = None
         self.records.append(record)
         self._run_steps += 1
         self._refresh(force=False)

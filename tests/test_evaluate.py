@@ -67,6 +67,19 @@ def test_reproducible_with_a_seed(splits, test_set):
     assert shifted.accuracies[0] == first.accuracies[1]
 
 
+def test_curves_measure_along_the_way_without_changing_the_result(splits, test_set):
+    images, labels = real_subset(splits, 2)
+    plain = tiny_eval(images, labels, test_set, epochs=5, seed=2)
+    tracked = tiny_eval(images, labels, test_set, epochs=5, seed=2, every=2)
+    assert plain.curves == () and tracked.accuracies == plain.accuracies  # measuring only reads the network
+    assert [[e for e, _ in curve] for curve in tracked.curves] == [[2, 4, 5], [2, 4, 5]]
+    assert [curve[-1][1] for curve in tracked.curves] == list(tracked.accuracies)
+    # run 0 alone draws the same numbers as run 0 of two runs
+    short = tiny_eval(images, labels, test_set, epochs=5, seed=2, every=2, runs=1)
+    assert short.curves[0] == tracked.curves[0]
+    assert len({a for _, a in tracked.curves[0]}) > 1, "the accuracy should change while training"
+
+
 def test_soft_labels(splits, test_set):
     images, labels = real_subset(splits, 2)
     soft = torch.full((len(labels), 10), 0.02)
@@ -93,6 +106,7 @@ def test_learns_above_chance_from_ten_real_images_per_class(splits, test_set):
 @pytest.mark.parametrize("kw, message", [
     (dict(runs=0), r"runs=0"),
     (dict(epochs=0), r"epochs=0"),
+    (dict(every=-1), r"every=-1"),
     (dict(lr=0.0), r"lr must be a finite number > 0 .*got 0\.0"),
     (dict(lr=-0.5), r"lr must be a finite number > 0 .*got -0\.5"),
     (dict(lr=float("inf")), r"lr must be a finite number > 0 .*got inf"),

@@ -22,7 +22,7 @@ from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.viz import (
     accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, mtt_iteration_figure,
-    project_record, project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
+    expert_pca_figure, project_record, project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
 )
 
 TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
@@ -189,6 +189,34 @@ def test_trajectory_figure_2d_with_overlay(tiny_store, records):
     np.testing.assert_allclose([start.x[0], start.y[0]], anchors[0, :2], atol=1e-4)
     np.testing.assert_allclose([target.x[0], target.y[0]], anchors[1, :2], atol=1e-4)
     np.testing.assert_allclose([student.x[0], student.y[0]], anchors[0, :2], atol=1e-4)  # theta_0 = theta*_t
+
+
+def test_expert_pca_figure_shows_each_experts_training(tiny_store):
+    joint = fit_pca(tiny_store, k=2)
+    fig = expert_pca_figure(tiny_store)
+    assert [t.name for t in fig.data] == [f"expert {i}" for i in range(len(tiny_store))]
+    E = tiny_store.epochs
+    for n, trace in enumerate(fig.data):
+        own = fit_pca(tiny_store, experts=[n], k=2)
+        x, y = np.array(trace.x), np.array(trace.y)
+        # the expert's own PCA coordinates (PC1 oriented: epoch 0 left of epoch E), not the joint ones
+        expected = own.project(tiny_store[n]).numpy()
+        expected[:, 0] *= np.sign(expected[-1, 0] - expected[0, 0])
+        np.testing.assert_allclose(np.stack([x, y], axis=1), expected, rtol=1e-5, atol=1e-7)
+        assert x[-1] > x[0] and np.ptp(x) >= np.ptp(y)  # training runs along PC1, rightwards
+        assert (trace.text[0], trace.text[-1]) == ("epoch 0", f"epoch {E}")
+        xaxis, yaxis = fig.layout[f"xaxis{n + 1 if n else ''}"], fig.layout[f"yaxis{n + 1 if n else ''}"]
+        assert yaxis.scaleanchor == ("x" if n == 0 else f"x{n + 1}") and yaxis.scaleratio == 1  # equal scales
+        assert xaxis.title.text == f"PC1 ({100 * float(own.explained[0]):.1f}%)"
+        assert trace.xaxis == ("x" if n == 0 else f"x{n + 1}")  # its own panel
+        # in the joint PCA the same expert barely moves along PC1 next to the gap between experts
+        along_joint = np.ptp(joint.project(tiny_store[n])[:, 0].numpy())
+        gap = abs(float(joint.project(tiny_store[0])[0, 0] - joint.project(tiny_store[1])[0, 0]))
+        assert along_joint < gap
+    wrapped = expert_pca_figure(tiny_store, experts=[1, 0, 1], columns=2)
+    assert [t.name for t in wrapped.data] == ["expert 1", "expert 0", "expert 1"] and wrapped.data[2].xaxis == "x3"
+    with pytest.raises(ValueError, match="at least one expert"):
+        expert_pca_figure(tiny_store, experts=[])
 
 
 def test_trajectory_figure_3d_subset(tiny_store, records, mnist_train):

@@ -184,6 +184,36 @@ def test_code_that_drives_a_running_dashboard_pauses_it_first(dash, distiller, c
     assert dash.step() is not None and capsys.readouterr().out == ""  # not running: nothing to say
 
 
+def test_stepping_the_distiller_itself_during_a_run_pauses_or_refuses_in_one_line(dash, distiller, capsys):
+    """``distiller.step()`` (not ``dash.step()``) while the dashboard runs: never two threads on one distiller."""
+    dash.start_button.click()
+    wait_for(lambda: distiller.iteration >= 1)
+    record = distiller.step()
+    assert not dash.running and not dash._thread.is_alive() and record.iteration == distiller.iteration
+    assert distiller.iteration == len(dash.records) + 1  # the dashboard stopped first; this step is not on its curves
+    out = capsys.readouterr().out
+    assert "paused it at iteration" in out and "distiller.step()" in out and len(out.strip().splitlines()) == 1
+
+    async def step_inside_run_async():
+        task = asyncio.ensure_future(dash.run_async(50))
+        await asyncio.sleep(0)  # the loop has taken its first step and yielded
+        assert dash.running
+        try:
+            with pytest.raises(RuntimeError, match=r"^distiller\.step\(\) while the dashboard is running it .*"
+                                                   r"dash\.pause\(\)") as refused:
+                distiller.step()
+        finally:
+            dash.pause(wait=False)
+        await task
+        return refused
+
+    before = distiller.iteration
+    refused = asyncio.run(step_inside_run_async())
+    assert "\n" not in str(refused.value) and not dash.running
+    assert distiller.iteration == len(dash.records) + 1 > before  # the refused call took no step
+    assert distiller.step().iteration == distiller.iteration and capsys.readouterr().out == ""  # idle: no note
+
+
 def test_setting_changes_are_marked_on_the_curves_with_a_running_mean(tiny_store, mnist_train):
     distiller = Distiller(tiny_store, mnist_train, DistillConfig(**{**TINY_CONFIG, "syn_steps": 2}))
     dash = DistillDashboard(distiller, window=2)
