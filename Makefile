@@ -16,4 +16,4 @@ demo: install
 	$(BIN)/mtt-lab quickstart --out runs/quickstart
 
 test: install
-	$(BIN)/python -m pytest -q --durations=12
+	$(BIN)/python -m pytest -q -n 2 --durations=12

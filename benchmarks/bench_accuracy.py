@@ -11,6 +11,7 @@ learned alpha; the others with lr 0.01.
     python benchmarks/bench_accuracy.py --preset full    # the paper-sized ConvNet (GPU)
     python benchmarks/bench_accuracy.py --ipcs 10 --methods MTT --iterations 300 --trajectories 2 \
         --out benchmarks/accuracy_k2.json   # K = 2 unrolls per iteration, 150 iterations: the same 300 unrolls
+        # (--seed S: another MTT run, for the spread between distillations rather than evaluations)
 
 Prints a markdown table and writes it, with the configs, to ``--out`` (JSON).
 """
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, help="MTT iterations at every IPC (default: the preset's)")
     parser.add_argument("--trajectories", type=int, default=1,
                         help="MTT's K; the iterations are divided by K, so the student unrolls stay the same")
+    parser.add_argument("--seed", type=int, default=0, help="MTT's distillation seed (its init images and draws)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default="runs/bench_accuracy", help="experts are cached here")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
@@ -105,6 +107,7 @@ def main() -> None:
             config = distill_configs[ipc]
             config.device = str(train.device)
             config.trajectories = args.trajectories
+            config.seed = args.seed
             config.iterations = (args.iterations or config.iterations) // args.trajectories
             distiller = Distiller(store, train, config)
             for _ in tqdm(distiller.steps(), total=config.iterations, desc=f"MTT IPC {ipc}"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,3 +238,46 @@ def test_a_killed_run_is_listed_then_finished(tmp_path):
     for i in range(4):
         assert torch.equal(resumed[i], straight[i])
     assert not list(killed.glob("*.metrics.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """``mtt-lab ARGS`` as a 2-node run: two torchrun launchers (``--nnodes 2 --node_rank 0|1``, one
+    process each) meeting at a static rendezvous on this machine, so each rank sees ``LOCAL_RANK`` 0
+    and only ``RANK`` tells them apart, as on two machines sharing a filesystem."""
+    port = str(_free_port())
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mtt_lab.cli", *args],
+        env=ENV, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = []
+    for launcher in launchers:
+        out, err = launcher.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_nodes_write_what_one_process_writes(store, tmp_path):
+    """Experts and distillation across two 'nodes' (rank = node, local rank 0 on both): the same files."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    experts = ["--model", "ConvNetW16", "--epochs", "1", "--experts", "2", "--device", "cpu"]
+    assert main(["experts", *experts, "--out", str(one / "experts")]) == 0
+    for result in two_nodes("experts", *experts, "--out", str(two / "experts")):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert _expert_files(two / "experts") == _expert_files(one / "experts")
+    assert _manifest_without_times(two / "experts") == _manifest_without_times(one / "experts")
+
+    distill = ["distill", "--experts", str(store.path), "--trajectories", "2", "--syn-steps", "3", "--expert-epochs",
+               "1", "--max-start-epoch", "3", "--iterations", "3", "--device", "cpu"]
+    assert main([*distill, "--out", str(one / "run")]) == 0
+    for result in two_nodes(*distill, "--out", str(two / "run")):
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(run / "run" / "images.pt", weights_only=True) for run in (one, two))
+    assert torch.equal(a["images"], b["images"]) and a["syn_lr"] == b["syn_lr"]
+    assert len((two / "run" / "log.jsonl").read_text().splitlines()) == 3  # rank 0 alone wrote the log
