@@ -172,7 +172,7 @@ def score(method: str, images: Tensor, labels: Tensor, lr: float, test: ImageDat
 
 def markdown_table(results: Sequence[Result]) -> str:
     """The rows as a markdown table: accuracy (mean ± std, %), seconds, memory and the protocol card."""
-    def number(value, digits="3g"):
+    def number(value, digits=".3g"):
         return "–" if value is None else format(value, digits)
 
     lines = ["| method | IPC | accuracy % | build s | iterations | s / iteration | peak MiB | protocol card |",

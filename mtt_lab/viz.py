@@ -14,7 +14,8 @@ Training signals
     :func:`step_size_figure`, :func:`curves_figure`, :func:`accuracy_bars`, :func:`sweep_heatmap`.
 Methods
     :func:`mtt_iteration_figure` and :func:`unroll_window_figure` draw one iteration of MTT and of
-    RaT-BPTT / DD; :func:`family_figure` puts the family's results on accuracy-against-seconds axes.
+    RaT-BPTT / DD; :func:`feature_space_figure` shows sets among real images in a network's features
+    (what DM matches); :func:`family_figure` puts the family's results on accuracy-against-seconds axes.
 """
 
 from __future__ import annotations
@@ -491,10 +492,11 @@ def unroll_window_figure(max_unroll: int = 30, window: int = 10, end: int = 22) 
         raise ValueError(f"need 1 <= W <= n <= T; got W = {window}, n = {end}, T = {max_unroll}")
     cut = end - window
     fig = go.Figure()
-    fig.add_shape(type="rect", x0=window - 0.4, x1=max_unroll + 0.4, y0=-0.45, y1=0.45, line_width=0,
-                  fillcolor="rgba(99,110,250,0.12)")
-    fig.add_annotation(x=(window + max_unroll) / 2, y=0.45, yanchor="bottom", showarrow=False,
-                       text=f"where n may end: W = {window} … T = {max_unroll}", font=dict(size=12, color="#636efa"))
+    if window < max_unroll:  # the end points a draw may pick
+        fig.add_shape(type="rect", x0=window - 0.4, x1=max_unroll + 0.4, y0=-0.55, y1=0.3, line_width=0,
+                      fillcolor="rgba(99,110,250,0.12)")
+        fig.add_annotation(x=(window + max_unroll) / 2, y=-0.55, yanchor="bottom", showarrow=False,
+                           text=f"n is drawn from W = {window} … T = {max_unroll}", font=dict(size=12, color="#636efa"))
     groups = [("steps without a graph (θ<sub>n−W</sub> is a constant)", range(0, cut + 1), "gray", 8),
               (f"the window: W = {window} steps kept and backpropagated", range(cut + 1, end + 1), "crimson", 11),
               ("not taken in this draw", range(end + 1, max_unroll + 1), "lightgray", 6)]
@@ -502,18 +504,19 @@ def unroll_window_figure(max_unroll: int = 30, window: int = 10, end: int = 22) 
         if len(steps):
             fig.add_trace(go.Scatter(x=list(steps), y=[0] * len(steps), mode="markers", name=name, hoverinfo="skip",
                                      marker=dict(size=size, color=colour)))
-    fig.add_shape(type="line", x0=cut, x1=end, y0=-0.2, y1=-0.2, line=dict(color="crimson", width=2, dash="dot"))
-    fig.add_annotation(x=(cut + end) / 2, y=-0.2, yanchor="top", showarrow=False, font=dict(size=12, color="crimson"),
+    fig.add_shape(type="line", x0=cut, x1=end, y0=-0.18, y1=-0.18, line=dict(color="crimson", width=2, dash="dot"))
+    fig.add_annotation(x=(cut + end) / 2, y=-0.18, yanchor="top", showarrow=False, font=dict(size=12, color="crimson"),
                        text="gradient into the pixels and η")
-    fig.add_annotation(x=0, y=0, text="fresh θ<sub>0</sub>", showarrow=True, arrowhead=0, ax=0, ay=-35)
-    fig.add_annotation(x=end, y=0, text=f"θ<sub>n</sub> (n = {end}): loss on real images", showarrow=True,
-                       arrowhead=2, ax=0, ay=45, font=dict(color="crimson"))
+    fig.add_annotation(x=0, y=0, text="fresh θ<sub>0</sub>", showarrow=True, arrowhead=0, ax=0, ay=-30)
+    fig.add_annotation(x=end, y=0, text=f"θ<sub>n</sub>, n = {end}: loss on real images", showarrow=True,
+                       arrowhead=2, ax=0, ay=-30, xanchor="right" if end > 0.7 * max_unroll else "center",
+                       font=dict(color="crimson"))
     fig.update_layout(title=dict(text=f"Unroll n = {end} steps from a fresh θ<sub>0</sub>, backpropagate through the "
                                       f"last W = {window}", font=dict(size=14)),
-                      height=260, width=900, margin=dict(l=10, r=10, t=50, b=10), plot_bgcolor="white",
-                      legend=dict(orientation="h", x=0, y=-0.05, yanchor="top"),
-                      xaxis=dict(title_text="student step", range=[-1, max_unroll + 1], showgrid=False, zeroline=False),
-                      yaxis=dict(visible=False, range=[-0.7, 0.8]))
+                      height=280, margin=dict(l=20, r=20, t=50, b=10), plot_bgcolor="white",
+                      legend=dict(orientation="h", x=0, y=-0.25, yanchor="top"),
+                      xaxis=dict(range=[-1, max_unroll + 1], showgrid=False, zeroline=False),
+                      yaxis=dict(visible=False, range=[-0.65, 0.55]))
     return fig
 
 
@@ -546,4 +549,48 @@ def family_figure(results: Sequence[Result], title: str | None = None) -> go.Fig
     fig.update_yaxes(title_text="test accuracy (%)", col=1)
     fig.update_layout(title=title or "The family: accuracy against compute (marker area: peak memory)", height=460,
                       margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+SET_SYMBOLS = ("circle-open", "star", "diamond", "square-open", "triangle-up")
+
+
+def feature_space_figure(embed, real: Sequence[Tensor], sets: Mapping[str, Tensor], class_names: Sequence[str],
+                         title: str | None = None) -> go.Figure:
+    """Real images and synthetic sets in a network's feature space, projected on two directions.
+
+    embed: ``x [n, c, h, w] -> [n, d]``; real: one ``[b, c, h, w]`` batch per class; sets: name ->
+    images ``[C, c, h, w]``, one per class in class order. The directions are the top two principal
+    components of the real features; each class has one colour: its real images as faint dots, their
+    mean as a cross, the images of each set as that set's symbol (circle, star, diamond, ...).
+    """
+    if len(sets) > len(SET_SYMBOLS):
+        raise ValueError(f"at most {len(SET_SYMBOLS)} sets can be told apart, got {len(sets)}")
+    with torch.no_grad():
+        features = [embed(x).float() for x in real]
+        marked = {name: embed(x).float() for name, x in sets.items()}
+    centre = torch.cat(features).mean(0)
+    # the top two principal directions of the real features, [2, d]
+    directions = torch.linalg.svd(torch.cat(features) - centre, full_matrices=False).Vh[:2]
+
+    def project(f: Tensor) -> np.ndarray:
+        return ((f - centre) @ directions.T).cpu().numpy()
+
+    fig = go.Figure()
+    for c, (f, name) in enumerate(zip(features, class_names, strict=True)):
+        colour, points = PALETTE[c % len(PALETTE)], project(f)
+        fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", name=f"class {name}",
+                                 legendgroup=name, marker=dict(size=4, color=colour, opacity=0.25), hoverinfo="skip"))
+        mean = points.mean(0)
+        fig.add_trace(go.Scatter(x=[mean[0]], y=[mean[1]], mode="markers", legendgroup=name, showlegend=False,
+                                 marker=dict(size=14, symbol="x", color=colour), hovertext=[f"mean of real {name}"],
+                                 hoverinfo="text"))
+        for (set_name, f_set), symbol in zip(marked.items(), SET_SYMBOLS):
+            point = project(f_set[c:c + 1])
+            fig.add_trace(go.Scatter(x=point[:, 0], y=point[:, 1], mode="markers", legendgroup=name, showlegend=False,
+                                     marker=dict(size=13, symbol=symbol, color=colour, line=dict(width=2, color=colour)),
+                                     hovertext=[f"{set_name}, class {name}"], hoverinfo="text"))
+    keys = ", ".join(f"{symbol.split('-')[0]}: {name}" for name, symbol in zip(sets, SET_SYMBOLS))
+    fig.update_layout(title=title or f"Features in the top two real directions (cross: class mean; {keys})",
+                      height=520, margin=dict(l=10, r=10, t=50, b=10))
     return fig

@@ -70,12 +70,12 @@ def test_meter_without_proc(monkeypatch):
 
 def test_markdown_table_rows_carry_their_card():
     card = ProtocolCard("DM", 10, "hard", False, True, True, "ConvNet", 32, 300, 3)
-    rows = [Result(card, EvalResult("ConvNet", (0.9, 0.92, 0.94), 300, 0.01), 12.5, 50, 300 * 2**20),
+    rows = [Result(card, EvalResult("ConvNet", (0.9, 0.92, 0.94), 300, 0.01), 12.5, 30, 300 * 2**20),
             Result(ProtocolCard("Random", 10, "hard", False, None, True, "ConvNet", 32, 300, 3),
                    EvalResult("ConvNet", (0.8,), 300, 0.01), 0.002)]
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 4 and lines[0].startswith("| method | IPC | accuracy %")
-    assert lines[2] == f"| DM | 10 | 92.0 ± 1.6 | 12.5 | 50 | 0.25 | 300 | {card.line()} |"
+    assert lines[2] == f"| DM | 10 | 92.0 ± 1.6 | 12.5 | 30 | 0.417 | 300 | {card.line()} |"  # 3 significant digits
     assert lines[3].startswith("| Random | 10 | 80.0 ± 0.0 | 0.002 | – | – | – | Random · IPC 10")
 
 

@@ -22,8 +22,8 @@ from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.family import ProtocolCard, Result
 from mtt_lab.viz import (
-    accuracy_bars, class_of, curves_figure, family_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape,
-    mtt_iteration_figure, project_record, project_store, running_mean, step_size_figure, sweep_heatmap,
+    accuracy_bars, class_of, curves_figure, family_figure, feature_space_figure, fit_pca, grid_png, image_grid, mosaic,
+    mosaic_shape, mtt_iteration_figure, project_record, project_store, running_mean, step_size_figure, sweep_heatmap,
     trajectory_figure, unroll_window_figure,
 )
 
@@ -333,3 +333,18 @@ def test_family_figure_one_panel_per_ipc_one_colour_per_method():
     assert dm10.marker.size > dm1.marker.size > random.marker.size  # area grows with peak memory (None: smallest)
     assert "DM · IPC 1" in dm1.hovertext[0] and "100 MiB" in dm1.hovertext[0]
     assert fig.layout.xaxis.type == "log" and [a.text for a in fig.layout.annotations] == ["IPC 1", "IPC 10"]
+
+
+def test_feature_space_figure_projects_on_the_real_features_top_directions():
+    g = torch.Generator().manual_seed(0)
+    real = [torch.randn(20, 1, 2, 2, generator=g) + 3 * c for c in range(3)]
+    sets = {"start": torch.stack([r[0] for r in real]), "DM": torch.stack([r.mean(0) for r in real])}
+    fig = feature_space_figure(lambda x: x.flatten(1), real, sets, ["a", "b", "c"])
+    assert len(fig.data) == 3 * (2 + 2) and [t.name for t in fig.data if t.showlegend is not False] == [
+        "class a", "class b", "class c"]
+    dots, mean, start, dm = fig.data[:4]
+    assert len(dots.x) == 20 and (mean.x[0], mean.y[0]) == pytest.approx((np.mean(dots.x), np.mean(dots.y)), abs=1e-5)
+    assert (dm.x[0], dm.y[0]) == pytest.approx((mean.x[0], mean.y[0]), abs=1e-4)  # a set at the class mean sits on it
+    assert start.marker.symbol == "circle-open" and dm.marker.symbol == "star" and "star: DM" in fig.layout.title.text
+    with pytest.raises(ValueError, match="at most 5 sets"):
+        feature_space_figure(lambda x: x.flatten(1), real, {str(k): sets["DM"] for k in range(6)}, ["a", "b", "c"])
