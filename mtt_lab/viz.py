@@ -520,16 +520,21 @@ def unroll_window_figure(max_unroll: int = 30, window: int = 10, end: int = 22) 
     return fig
 
 
+METHOD_SYMBOLS = ("circle", "square", "diamond", "cross", "triangle-up", "pentagon", "star", "hexagon", "x",
+                  "triangle-down")
+
+
 def family_figure(results: Sequence[Result], title: str | None = None) -> go.Figure:
     """Accuracy against the seconds spent building each set, one panel per IPC.
 
-    Each method keeps one colour across panels; error bars are ± one standard deviation over the
-    evaluation runs; a larger marker is a larger peak memory; hovering shows the protocol card.
+    Each method keeps one colour and one symbol across panels (the legend names them); error bars are
+    ± one standard deviation over the evaluation runs; a larger marker is a larger peak memory;
+    hovering shows the protocol card.
     """
     ipcs = sorted({r.card.ipc for r in results})
     methods = list(dict.fromkeys(r.card.method for r in results))
     biggest = max((r.peak_bytes or 0) for r in results) or 1
-    fig = make_subplots(rows=1, cols=len(ipcs), subplot_titles=[f"IPC {ipc}" for ipc in ipcs], shared_yaxes=True)
+    fig = make_subplots(rows=1, cols=len(ipcs), subplot_titles=[f"IPC {ipc}" for ipc in ipcs])
     for m, method in enumerate(methods):
         for col, ipc in enumerate(ipcs, 1):
             rows = [r for r in results if r.card.method == method and r.card.ipc == ipc]
@@ -538,11 +543,11 @@ def family_figure(results: Sequence[Result], title: str | None = None) -> go.Fig
             r = rows[0]
             mib = (r.peak_bytes or 0) / 2**20
             fig.add_trace(go.Scatter(
-                x=[r.seconds], y=[100 * r.accuracy.mean], mode="markers+text", text=[method],
-                textposition="top center", name=method, legendgroup=method, showlegend=col == 1,
+                x=[r.seconds], y=[100 * r.accuracy.mean], mode="markers", name=method, legendgroup=method,
+                showlegend=col == 1,
                 error_y=dict(type="data", array=[100 * r.accuracy.std], visible=True),
                 marker=dict(size=9 + 25 * math.sqrt((r.peak_bytes or 0) / biggest), color=PALETTE[m % len(PALETTE)],
-                            line=dict(width=1, color="white")),
+                            symbol=METHOD_SYMBOLS[m % len(METHOD_SYMBOLS)], line=dict(width=1, color="white")),
                 hovertext=[f"{r.card.line()}<br>{r.seconds:.3g} s to build, peak {mib:.0f} MiB"],
                 hoverinfo="text"), 1, col)
     fig.update_xaxes(type="log", title_text="seconds to build the set (log)")

@@ -330,6 +330,7 @@ def test_family_figure_one_panel_per_ipc_one_colour_per_method():
     dm1, dm10, random = fig.data
     assert dm1.x[0] == 2.0 and dm1.y[0] == pytest.approx(85) and dm1.error_y.array[0] == pytest.approx(5)
     assert dm1.marker.color == dm10.marker.color != random.marker.color
+    assert dm1.marker.symbol == dm10.marker.symbol != random.marker.symbol
     assert dm10.marker.size > dm1.marker.size > random.marker.size  # area grows with peak memory (None: smallest)
     assert "DM · IPC 1" in dm1.hovertext[0] and "100 MiB" in dm1.hovertext[0]
     assert fig.layout.xaxis.type == "log" and [a.text for a in fig.layout.annotations] == ["IPC 1", "IPC 10"]
