@@ -42,7 +42,7 @@ from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.distribution_matching import DistributionMatching, DMConfig
 from mtt_lab.evaluate import evaluate_synset
 from mtt_lab.experts import ExpertConfig, TrajectoryStore, train_experts
-from mtt_lab.family import ProtocolCard
+from mtt_lab.family import Meter, ProtocolCard
 from mtt_lab.gradient_matching import DCConfig, GradientMatching
 from mtt_lab.rat_bptt import RaTBPTT, RaTBPTTConfig
 from mtt_lab.soft_labels import SoftLabelConfig, soft_label_set
@@ -75,27 +75,6 @@ PRESETS = {
          "RaT-BPTT": {1: 1000, 10: 300}, "MTT": {1: 500, 10: 150}},
         eval_epochs=300, eval_runs=3, mtt=dict(syn_steps=20, expert_epochs=2, max_start_epoch=6)),
 }
-
-
-def _status_bytes(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def start_peak(device: torch.device) -> int:
-    """Reset the peak-memory mark and return the memory in use now (bytes)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-    return _status_bytes("VmRSS")
-
-
-def peak_since_start(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
 
 
 def build_set(method: str, ipc: int, preset: Preset, store: TrajectoryStore, train, device) -> dict:
@@ -152,9 +131,8 @@ def run_one(args) -> None:
     device = resolve_device(args.device)
     store = TrajectoryStore(args.store)
     train, test = load_splits(device=device)
-    base = start_peak(device)
-    built = build_set(args.one, args.ipc, preset, store, train, device)
-    peak = peak_since_start(device) - base
+    with Meter(device) as cost:
+        built = build_set(args.one, args.ipc, preset, store, train, device)
     result = evaluate_synset(built["images"], built["labels"], test, model_kwargs=WIDTH, lr=built["lr"],
                              epochs=preset.eval_epochs, runs=preset.eval_runs, progress=False)
     soft = built["labels"].dim() == 2
@@ -164,7 +142,7 @@ def run_one(args) -> None:
     row = {"method": args.one, "ipc": args.ipc, "accuracies": list(result.accuracies), "mean": result.mean,
            "std": result.std, "lr": built["lr"], "iterations": built["iterations"],
            "seconds_per_iteration": built["seconds_per_iteration"], "seconds_total": built["seconds_total"],
-           "peak_memory_bytes": peak, "card": card.as_dict(), "card_line": card.line(), "config": built["config"]}
+           "peak_memory_bytes": cost.peak_bytes, "card": card.as_dict(), "card_line": card.line(), "config": built["config"]}
     print("ROW " + json.dumps(row), flush=True)
 
 
@@ -177,10 +155,10 @@ def run_window(args) -> None:
     config = RaTBPTTConfig(ipc=args.ipc, window=args.window, max_unroll=args.window, mode=args.mode,
                            iterations=args.window_iterations, model_kwargs=WIDTH, device=str(device))
     run = RaTBPTT(train, config)
-    base = start_peak(device)
-    seconds = [record.seconds for record in run.steps()]
+    with Meter(device) as cost:
+        seconds = [record.seconds for record in run.steps()]
     row = {"window": args.window, "mode": args.mode, "ipc": args.ipc, "iterations": len(seconds),
-           "seconds_per_iteration": sum(seconds) / len(seconds), "peak_memory_bytes": peak_since_start(device) - base}
+           "seconds_per_iteration": sum(seconds) / len(seconds), "peak_memory_bytes": cost.peak_bytes}
     print("ROW " + json.dumps(row), flush=True)
 
 

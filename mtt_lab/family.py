@@ -18,17 +18,29 @@ needs expert trajectories) from a name and config overrides (what a command line
 obtained: most disagreements between reported numbers in this field are differences of protocol
 (ZCA or not, DSA at evaluation or not, final vs best epoch, hard vs soft labels, which network
 evaluates), so every result carries one.
+
+Comparing methods means comparing what they cost too: :class:`Meter` measures the seconds and the
+peak memory of building a set; :func:`score` evaluates a set with the one recipe
+(``evaluate.evaluate_synset``) and returns a :class:`Result` (card, accuracy, cost), one row of a
+comparison (:func:`markdown_table`, and ``viz.family_figure`` for the picture).
 """
 
 from __future__ import annotations
 
 import numbers
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
+import torch
+from torch import Tensor
+
+from .cpu_memory import peak_since_start, start_peak
 from .data import ImageDataset
 from .dataset_distillation import DDConfig, DDistiller
 from .distill import DistillConfig
 from .distribution_matching import DistributionMatching, DMConfig
+from .evaluate import EvalResult, evaluate_synset
 from .gradient_matching import DCConfig, GradientMatching
 from .rat_bptt import RaTBPTT, RaTBPTTConfig
 from .synthetic import SyntheticSet, check_choice
@@ -111,3 +123,92 @@ class ProtocolCard:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class Meter:
+    """Seconds and peak memory of the code inside ``with Meter(device) as cost: ...``.
+
+    After the block: ``cost.seconds`` (wall clock) and ``cost.peak_bytes``, the most memory the block
+    held at once beyond what was in use when it began. On CUDA that is ``max_memory_allocated`` minus
+    ``memory_allocated`` at the start (tensors only); on a CPU the peak resident set size of the
+    process minus its size at the start (``cpu_memory.start_peak``: everything the process touched,
+    tensors, allocator overhead and read files), or None where the system does not tell (not Linux).
+    Blocks measured one after another in one process are comparable; a child process per block
+    (``benchmarks/bench_family.py``) is cleaner still.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: float = 0.0
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> "Meter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = start_peak()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = peak_since_start()
+        self.seconds = time.perf_counter() - self._start
+        self.peak_bytes = None if peak is None or self._base is None else max(peak - self._base, 0)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of a comparison: how a set was evaluated (``card``), how well it trains, what it cost.
+
+    seconds: building the set (all its iterations; for a selection, the selection); iterations: outer
+    iterations (0 for sets that are selected, not learned); peak_bytes: see :class:`Meter`.
+    """
+
+    card: ProtocolCard
+    accuracy: EvalResult
+    seconds: float
+    iterations: int = 0
+    peak_bytes: int | None = None
+
+    @property
+    def seconds_per_iteration(self) -> float | None:
+        return self.seconds / self.iterations if self.iterations else None
+
+
+def score(method: str, images: Tensor, labels: Tensor, lr: float, test: ImageDataset, dsa_distill: bool | None,
+          cost: Meter | None = None, iterations: int = 0, model: str = "ConvNet", model_kwargs: dict | None = None,
+          epochs: int = 300, runs: int = 3, progress: bool = False) -> Result:
+    """Evaluate one set (``evaluate_synset``: fresh networks, final epoch, DSA) and return its row.
+
+    images ``[C * ipc, c, h, w]`` with hard ``[n]`` or soft ``[n, C]`` labels; lr: the rate to train with
+    (a learned one, or 0.01); dsa_distill: whether the method augmented while learning the set (None:
+    selected, not learned); cost: the :class:`Meter` that measured building it. The card reads the
+    IPC, the labels' kind and ZCA off the inputs, so it cannot disagree with them.
+    """
+    accuracy = evaluate_synset(images, labels, test, model=model, lr=lr, epochs=epochs, runs=runs,
+                               model_kwargs=model_kwargs, progress=progress)
+    card = ProtocolCard(method, ipc=len(images) // test.num_classes, labels="soft" if labels.dim() == 2 else "hard",
+                        zca=test.zca is not None, dsa_distill=dsa_distill, dsa_eval=True, eval_model=model,
+                        eval_width=(model_kwargs or {}).get("width"), epochs=epochs, runs=runs)
+    return Result(card, accuracy, cost.seconds if cost else 0.0, iterations, cost.peak_bytes if cost else None)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """The rows as a markdown table: accuracy (mean ± std, %), seconds, memory and the protocol card."""
+    def number(value, digits=".3g"):
+        return "–" if value is None else format(value, digits)
+
+    lines = ["| method | IPC | accuracy % | build s | iterations | s / iteration | peak MiB | protocol card |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        memory = None if r.peak_bytes is None else r.peak_bytes / 2**20
+        lines.append(f"| {r.card.method} | {r.card.ipc} | {100 * r.accuracy.mean:.1f} ± {100 * r.accuracy.std:.1f} | "
+                     f"{r.seconds:.3g} | {r.iterations or '–'} | {number(r.seconds_per_iteration)} | "
+                     f"{number(memory, '.0f')} | {r.card.line()} |")
+    return "\n".join(lines) + "\n"

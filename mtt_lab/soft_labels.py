@@ -1,4 +1,4 @@
-"""The soft-label baseline (Qin, Zhou, Kamath et al., *A Label is Worth a Thousand Images in Dataset
+"""The soft-label baseline (Qin, Deng & Alvarez-Melis, *A Label is Worth a Thousand Images in Dataset
 Distillation*, NeurIPS 2024).
 
 No pixel is learned: ``ipc`` random *real* images per class, each labelled with a trained expert's

@@ -13,6 +13,10 @@ Trajectories
     :func:`expert_pca_figure` draws each expert in a PCA of its own, where training is visible.
 Training signals
     :func:`step_size_figure`, :func:`curves_figure`, :func:`accuracy_bars`, :func:`sweep_heatmap`.
+Methods
+    :func:`mtt_iteration_figure` and :func:`unroll_window_figure` draw one iteration of MTT and of
+    RaT-BPTT / DD; :func:`feature_space_figure` shows sets among real images in a network's features
+    (what DM matches); :func:`family_figure` puts the family's results on accuracy-against-seconds axes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .data import ImageDataset
 from .distill import StepRecord
 from .evaluate import EvalResult
 from .experts import TrajectoryStore
+from .family import Result
 
 PALETTE = qualitative.Plotly
 STUDENT_COLOUR = "black"
@@ -508,4 +513,124 @@ def mtt_iteration_figure(syn_steps: int = 10, expert_epochs: int = 2, max_start_
         height=440, width=900, margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white",
         legend=dict(orientation="h", x=0, y=-0.02, yanchor="top"),
         xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor="x"))
+    return fig
+
+
+def unroll_window_figure(max_unroll: int = 30, window: int = 10, end: int = 22) -> go.Figure:
+    """A diagram of one RaT-BPTT iteration (DD's is the case ``window = end = max_unroll``).
+
+    A fresh theta_0, then ``end`` = n student steps on the synthetic set, n drawn from W..T
+    (``window``..``max_unroll``): the first n - W without a graph, the last W with one; the loss of
+    theta_n on real data is backpropagated through those W steps only. A schematic, not data.
+    """
+    if not 1 <= window <= end <= max_unroll:
+        raise ValueError(f"need 1 <= W <= n <= T; got W = {window}, n = {end}, T = {max_unroll}")
+    cut = end - window
+    fig = go.Figure()
+    if window < max_unroll:  # the end points a draw may pick
+        fig.add_shape(type="rect", x0=window - 0.4, x1=max_unroll + 0.4, y0=-0.55, y1=0.3, line_width=0,
+                      fillcolor="rgba(99,110,250,0.12)")
+        fig.add_annotation(x=(window + max_unroll) / 2, y=-0.55, yanchor="bottom", showarrow=False,
+                           text=f"n is drawn from W = {window} … T = {max_unroll}", font=dict(size=12, color="#636efa"))
+    groups = [("steps without a graph (θ<sub>n−W</sub> is a constant)", range(0, cut + 1), "gray", 8),
+              (f"the window: W = {window} steps kept and backpropagated", range(cut + 1, end + 1), "crimson", 11),
+              ("not taken in this draw", range(end + 1, max_unroll + 1), "lightgray", 6)]
+    for name, steps, colour, size in groups:
+        if len(steps):
+            fig.add_trace(go.Scatter(x=list(steps), y=[0] * len(steps), mode="markers", name=name, hoverinfo="skip",
+                                     marker=dict(size=size, color=colour)))
+    fig.add_shape(type="line", x0=cut, x1=end, y0=-0.18, y1=-0.18, line=dict(color="crimson", width=2, dash="dot"))
+    fig.add_annotation(x=(cut + end) / 2, y=-0.18, yanchor="top", showarrow=False, font=dict(size=12, color="crimson"),
+                       text="gradient into the pixels and η")
+    fig.add_annotation(x=0, y=0, text="fresh θ<sub>0</sub>", showarrow=True, arrowhead=0, ax=0, ay=-30)
+    fig.add_annotation(x=end, y=0, text=f"θ<sub>n</sub>, n = {end}: loss on real images", showarrow=True,
+                       arrowhead=2, ax=0, ay=-30, xanchor="right" if end > 0.7 * max_unroll else "center",
+                       font=dict(color="crimson"))
+    fig.update_layout(title=dict(text=f"Unroll n = {end} steps from a fresh θ<sub>0</sub>, backpropagate through the "
+                                      f"last W = {window}", font=dict(size=14)),
+                      height=280, margin=dict(l=20, r=20, t=50, b=10), plot_bgcolor="white",
+                      legend=dict(orientation="h", x=0, y=-0.25, yanchor="top"),
+                      xaxis=dict(range=[-1, max_unroll + 1], showgrid=False, zeroline=False),
+                      yaxis=dict(visible=False, range=[-0.65, 0.55]))
+    return fig
+
+
+METHOD_SYMBOLS = ("circle", "square", "diamond", "cross", "triangle-up", "pentagon", "star", "hexagon", "x",
+                  "triangle-down")
+
+
+def family_figure(results: Sequence[Result], title: str | None = None) -> go.Figure:
+    """Accuracy against the seconds spent building each set, one panel per IPC.
+
+    Each method keeps one colour and one symbol across panels (the legend names them); error bars are
+    ± one standard deviation over the evaluation runs; a larger marker is a larger peak memory;
+    hovering shows the protocol card.
+    """
+    ipcs = sorted({r.card.ipc for r in results})
+    methods = list(dict.fromkeys(r.card.method for r in results))
+    biggest = max((r.peak_bytes or 0) for r in results) or 1
+    fig = make_subplots(rows=1, cols=len(ipcs), subplot_titles=[f"IPC {ipc}" for ipc in ipcs])
+    for m, method in enumerate(methods):
+        for col, ipc in enumerate(ipcs, 1):
+            rows = [r for r in results if r.card.method == method and r.card.ipc == ipc]
+            if not rows:
+                continue
+            r = rows[0]
+            mib = (r.peak_bytes or 0) / 2**20
+            fig.add_trace(go.Scatter(
+                x=[r.seconds], y=[100 * r.accuracy.mean], mode="markers", name=method, legendgroup=method,
+                showlegend=col == 1,
+                error_y=dict(type="data", array=[100 * r.accuracy.std], visible=True),
+                marker=dict(size=9 + 25 * math.sqrt((r.peak_bytes or 0) / biggest), color=PALETTE[m % len(PALETTE)],
+                            symbol=METHOD_SYMBOLS[m % len(METHOD_SYMBOLS)], line=dict(width=1, color="white")),
+                hovertext=[f"{r.card.line()}<br>{r.seconds:.3g} s to build, peak {mib:.0f} MiB"],
+                hoverinfo="text"), 1, col)
+    fig.update_xaxes(type="log", title_text="seconds to build the set (log)")
+    fig.update_yaxes(title_text="test accuracy (%)", col=1)
+    fig.update_layout(title=title or "The family: accuracy against compute (marker area: peak memory)", height=460,
+                      margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+SET_SYMBOLS = ("circle-open", "star", "diamond", "square-open", "triangle-up")
+
+
+def feature_space_figure(embed, real: Sequence[Tensor], sets: Mapping[str, Tensor], class_names: Sequence[str],
+                         title: str | None = None) -> go.Figure:
+    """Real images and synthetic sets in a network's feature space, projected on two directions.
+
+    embed: ``x [n, c, h, w] -> [n, d]``; real: one ``[b, c, h, w]`` batch per class; sets: name ->
+    images ``[C, c, h, w]``, one per class in class order. The directions are the top two principal
+    components of the real features; each class has one colour: its real images as faint dots, their
+    mean as a cross, the images of each set as that set's symbol (circle, star, diamond, ...).
+    """
+    if len(sets) > len(SET_SYMBOLS):
+        raise ValueError(f"at most {len(SET_SYMBOLS)} sets can be told apart, got {len(sets)}")
+    with torch.no_grad():
+        features = [embed(x).float() for x in real]
+        marked = {name: embed(x).float() for name, x in sets.items()}
+    centre = torch.cat(features).mean(0)
+    # the top two principal directions of the real features, [2, d]
+    directions = torch.linalg.svd(torch.cat(features) - centre, full_matrices=False).Vh[:2]
+
+    def project(f: Tensor) -> np.ndarray:
+        return ((f - centre) @ directions.T).cpu().numpy()
+
+    fig = go.Figure()
+    for c, (f, name) in enumerate(zip(features, class_names, strict=True)):
+        colour, points = PALETTE[c % len(PALETTE)], project(f)
+        fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", name=f"class {name}",
+                                 legendgroup=name, marker=dict(size=4, color=colour, opacity=0.25), hoverinfo="skip"))
+        mean = points.mean(0)
+        fig.add_trace(go.Scatter(x=[mean[0]], y=[mean[1]], mode="markers", legendgroup=name, showlegend=False,
+                                 marker=dict(size=14, symbol="x", color=colour), hovertext=[f"mean of real {name}"],
+                                 hoverinfo="text"))
+        for (set_name, f_set), symbol in zip(marked.items(), SET_SYMBOLS):
+            point = project(f_set[c:c + 1])
+            fig.add_trace(go.Scatter(x=point[:, 0], y=point[:, 1], mode="markers", legendgroup=name, showlegend=False,
+                                     marker=dict(size=13, symbol=symbol, color=colour, line=dict(width=2, color=colour)),
+                                     hovertext=[f"{set_name}, class {name}"], hoverinfo="text"))
+    keys = ", ".join(f"{symbol.split('-')[0]}: {name}" for name, symbol in zip(sets, SET_SYMBOLS))
+    fig.update_layout(title=title or f"Features in the top two real directions (cross: class mean; {keys})",
+                      height=520, margin=dict(l=10, r=10, t=50, b=10))
     return fig

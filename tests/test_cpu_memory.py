@@ -40,3 +40,4 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_no_effect_off_linux(monkeypatch):
     monkeypatch.setattr(cpu_memory.sys, "platform", "darwin")
     assert cpu_memory.keep_freed_memory() is False
+    assert cpu_memory.release_freed_memory() is False

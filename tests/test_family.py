@@ -1,10 +1,14 @@
-"""The family registry (names and knobs checked) and the protocol card."""
+"""The family registry (names and knobs checked), the protocol card, the cost meter and the results table."""
+
+import sys
 
 import pytest
+import torch
 from family_data import few_digits
 
 from mtt_lab.distribution_matching import DistributionMatching
-from mtt_lab.family import METHODS, NAMES, ProtocolCard, build, method_config
+from mtt_lab.evaluate import EvalResult
+from mtt_lab.family import METHODS, NAMES, Meter, ProtocolCard, Result, build, markdown_table, method_config, score
 from mtt_lab.rat_bptt import RaTBPTT
 
 
@@ -55,3 +59,53 @@ def test_card_line_and_dict():
     assert soft.as_dict()["dsa_distill"] is None
     with pytest.raises(ValueError, match=r"labels must be one of hard, soft; got 'mixed'"):
         ProtocolCard("X", 1, "mixed", False, None, True, "ConvNet", None, 1, 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from /proc")
+def test_meter_sees_a_block_that_was_freed_before_it_ended():
+    with Meter("cpu") as small:
+        torch.ones(2**20).sum()  # 4 MiB
+    with Meter("cpu") as big:
+        x = torch.ones(48 * 2**20)  # 192 MiB, written, then freed inside the block
+        x.sum()
+        del x
+    assert big.peak_bytes >= 180 * 2**20 > small.peak_bytes
+    # freed memory that the allocator kept is handed back first, so a second block is not measured as free
+    with Meter("cpu") as again:
+        torch.ones(48 * 2**20).sum()
+    assert again.peak_bytes >= 180 * 2**20
+    assert big.seconds > 0
+
+
+def test_meter_without_proc(monkeypatch):
+    from mtt_lab import family
+
+    monkeypatch.setattr(family, "start_peak", lambda: None)
+    with Meter("cpu") as cost:
+        pass
+    assert cost.peak_bytes is None and cost.seconds >= 0
+
+
+def test_markdown_table_rows_carry_their_card():
+    card = ProtocolCard("DM", 10, "hard", False, True, True, "ConvNet", 32, 300, 3)
+    rows = [Result(card, EvalResult("ConvNet", (0.9, 0.92, 0.94), 300, 0.01), 12.5, 30, 300 * 2**20),
+            Result(ProtocolCard("Random", 10, "hard", False, None, True, "ConvNet", 32, 300, 3),
+                   EvalResult("ConvNet", (0.8,), 300, 0.01), 0.002)]
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| method | IPC | accuracy %")
+    assert lines[2] == f"| DM | 10 | 92.0 ± 1.6 | 12.5 | 30 | 0.417 | 300 | {card.line()} |"  # 3 significant digits
+    assert lines[3].startswith("| Random | 10 | 80.0 ± 0.0 | 0.002 | – | – | – | Random · IPC 10")
+
+
+def test_score_reads_the_card_off_its_inputs(digits, mnist_test):
+    test = few_digits(mnist_test, per_class=5)
+    images, hard = digits.sample_per_class(2, torch.Generator().manual_seed(0))
+    soft = torch.nn.functional.one_hot(hard, 10).float() * 0.8 + 0.02
+    with Meter("cpu") as cost:
+        pass
+    tiny = dict(model_kwargs={"width": 4, "depth": 1}, epochs=2, runs=2)
+    hard_row = score("DM", images, hard, 0.01, test, dsa_distill=True, cost=cost, iterations=7, **tiny)
+    soft_row = score("Soft labels", images, soft, 0.01, test, dsa_distill=None, **tiny)
+    assert hard_row.card == ProtocolCard("DM", 2, "hard", False, True, True, "ConvNet", 4, 2, 2)
+    assert soft_row.card.labels == "soft" and soft_row.card.dsa_distill is None and soft_row.seconds == 0.0
+    assert hard_row.iterations == 7 and hard_row.seconds == cost.seconds and len(hard_row.accuracy.accuracies) == 2

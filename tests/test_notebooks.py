@@ -273,6 +273,7 @@ KEY_RESULTS = {
     "02_trajectory_pca": ["trajectory_figure(store, pca, dims=2)"],
     "05_n_m_and_t_plus": ["sweep_loss = torch.zeros", "long_range = {}"],
     "06_from_dd_to_mtt": ["def dd_replay(", "accuracy_bars(protocol"],
+    "08_the_family": ["family_figure(results)"],
 }
 PREDICT = re.compile(r"\*\*Predict, then run\.\*\*.*?<details><summary>.*?</summary>.+?</details>", re.S)
 

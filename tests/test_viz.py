@@ -20,9 +20,11 @@ from mtt_lab.data import ImageDataset
 from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
+from mtt_lab.family import ProtocolCard, Result
 from mtt_lab.viz import (
-    accuracy_bars, class_of, curves_figure, fit_pca, grid_png, image_grid, mosaic, mosaic_shape, mtt_iteration_figure,
-    expert_pca_figure, project_record, project_store, running_mean, step_size_figure, sweep_heatmap, trajectory_figure,
+    accuracy_bars, class_of, curves_figure, expert_pca_figure, family_figure, feature_space_figure, fit_pca, grid_png,
+    image_grid, mosaic, mosaic_shape, mtt_iteration_figure, project_record, project_store, running_mean,
+    step_size_figure, sweep_heatmap, trajectory_figure, unroll_window_figure,
 )
 
 TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
@@ -329,3 +331,49 @@ def test_mtt_iteration_figure_draws_the_settings_it_is_given():
 def test_trajectories_label_their_first_and_last_epoch(tiny_store):
     fig = trajectory_figure(tiny_store, fit_pca(tiny_store), epochs=[1, 2, 3])
     assert list(fig.data[0].text) == ["epoch 1", "", "epoch 3"]
+
+
+def test_unroll_window_figure_marks_the_prefix_the_window_and_the_rest():
+    fig = unroll_window_figure(max_unroll=12, window=4, end=9)
+    prefix, window, rest = fig.data
+    assert list(prefix.x) == list(range(0, 6)) and list(window.x) == [6, 7, 8, 9] and list(rest.x) == [10, 11, 12]
+    assert "W = 4" in window.name and "n = 9" in fig.layout.title.text
+    dd = unroll_window_figure(max_unroll=5, window=5, end=5)  # DD: every step in the graph, nothing left over
+    assert [len(t.x) for t in dd.data] == [1, 5]
+    with pytest.raises(ValueError, match="need 1 <= W <= n <= T; got W = 6, n = 5, T = 8"):
+        unroll_window_figure(max_unroll=8, window=6, end=5)
+    assert not [t for t in figure_texts(fig) if RAW_TEX.search(t)]
+
+
+def test_family_figure_one_panel_per_ipc_one_colour_per_method():
+    def result(method, ipc, accs, seconds, peak):
+        card = ProtocolCard(method, ipc, "hard", False, True, True, "ConvNet", 32, 10, len(accs))
+        return Result(card, EvalResult("ConvNet", accs, 10, 0.01), seconds, 5, peak)
+
+    results = [result("DM", 1, (0.8, 0.9), 2.0, 100 * 2**20), result("Random", 1, (0.5, 0.5), 0.001, None),
+               result("DM", 10, (0.9, 0.95), 4.0, 400 * 2**20)]
+    fig = family_figure(results)
+    assert [(t.name, t.xaxis, t.showlegend) for t in fig.data] == [("DM", "x", True), ("DM", "x2", False),
+                                                                    ("Random", "x", True)]
+    dm1, dm10, random = fig.data
+    assert dm1.x[0] == 2.0 and dm1.y[0] == pytest.approx(85) and dm1.error_y.array[0] == pytest.approx(5)
+    assert dm1.marker.color == dm10.marker.color != random.marker.color
+    assert dm1.marker.symbol == dm10.marker.symbol != random.marker.symbol
+    assert dm10.marker.size > dm1.marker.size > random.marker.size  # area grows with peak memory (None: smallest)
+    assert "DM · IPC 1" in dm1.hovertext[0] and "100 MiB" in dm1.hovertext[0]
+    assert fig.layout.xaxis.type == "log" and [a.text for a in fig.layout.annotations] == ["IPC 1", "IPC 10"]
+
+
+def test_feature_space_figure_projects_on_the_real_features_top_directions():
+    g = torch.Generator().manual_seed(0)
+    real = [torch.randn(20, 1, 2, 2, generator=g) + 3 * c for c in range(3)]
+    sets = {"start": torch.stack([r[0] for r in real]), "DM": torch.stack([r.mean(0) for r in real])}
+    fig = feature_space_figure(lambda x: x.flatten(1), real, sets, ["a", "b", "c"])
+    assert len(fig.data) == 3 * (2 + 2) and [t.name for t in fig.data if t.showlegend is not False] == [
+        "class a", "class b", "class c"]
+    dots, mean, start, dm = fig.data[:4]
+    assert len(dots.x) == 20 and (mean.x[0], mean.y[0]) == pytest.approx((np.mean(dots.x), np.mean(dots.y)), abs=1e-5)
+    assert (dm.x[0], dm.y[0]) == pytest.approx((mean.x[0], mean.y[0]), abs=1e-4)  # a set at the class mean sits on it
+    assert start.marker.symbol == "circle-open" and dm.marker.symbol == "star" and "star: DM" in fig.layout.title.text
+    with pytest.raises(ValueError, match="at most 5 sets"):
+        feature_space_figure(lambda x: x.flatten(1), real, {str(k): sets["DM"] for k in range(6)}, ["a", "b", "c"])
