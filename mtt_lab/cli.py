@@ -160,13 +160,6 @@ NEED_EXPERTS = {"herding": "it selects in an expert's feature space", "k-center"
                 "feature space", "soft-labels": "an expert labels its images"}
 
 
-def card(method: str, labels, ipc: int, zca: bool, dsa_distill: bool | None, result: EvalResult,
-         width: int | None = None) -> ProtocolCard:
-    """The protocol card of an accuracy measured by ``evaluate_synset`` (DSA at evaluation, final epoch)."""
-    return ProtocolCard(method, ipc, "soft" if labels.ndim == 2 else "hard", zca, dsa_distill, dsa_eval=True,
-                        eval_model=result.model, eval_width=width, epochs=result.epochs, runs=len(result.accuracies))
-
-
 def cmd_evaluate(args) -> None:
     device = resolve_device(args.device)
     if args.run:
@@ -196,7 +189,7 @@ def cmd_evaluate(args) -> None:
     for model in args.models:
         result = evaluate_synset(images, labels, test, model=model, lr=lr, epochs=args.epochs,
                                  runs=args.runs, seed=args.seed)
-        protocol = card(method, labels, len(labels) // train.num_classes, zca, dsa_distill, result)
+        protocol = ProtocolCard.of(method, labels, len(labels) // train.num_classes, result, zca, dsa_distill)
         print(f"{result}\n  protocol: {protocol.line()}")
         rows.append({**result.as_dict(), "card": protocol.as_dict()})
     if args.run:
@@ -244,9 +237,10 @@ def cmd_quickstart(args) -> None:
     experts = EvalResult.of("ConvNet", [store.metrics(i)["test_acc"][-1] for i in range(len(store))],
                             p.expert_epochs_trained, store.manifest["config"]["lr"])
     width = p.model_kwargs.get("width")
-    cards = {"random": card("Random", random_labels, 1, False, None, random, width),
-             "mtt": card("MTT", distiller.labels, 1, False, config.dsa, mtt, width),
-             "experts": card("Experts", train.labels, len(train) // train.num_classes, False, None, experts, width)}
+    cards = {"random": ProtocolCard.of("Random", random_labels, 1, random, False, None, width),
+             "mtt": ProtocolCard.of("MTT", distiller.labels, 1, mtt, False, config.dsa, width),
+             "experts": ProtocolCard.of("Experts", train.labels, len(train) // train.num_classes, experts, False, None,
+                                        width)}
     seconds = time.perf_counter() - t0
     summary = {"random_acc": list(random.accuracies), "mtt_acc": list(mtt.accuracies),
                "expert_acc": list(experts.accuracies), "cards": {k: c.as_dict() for k, c in cards.items()},

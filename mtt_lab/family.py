@@ -112,6 +112,14 @@ class ProtocolCard:
     def __post_init__(self):
         check_choice("labels", self.labels, ("hard", "soft"))
 
+    @classmethod
+    def of(cls, method: str, labels: Tensor, ipc: int, result: EvalResult, zca: bool, dsa_distill: bool | None,
+           eval_width: int | None = None) -> ProtocolCard:
+        """The card of ``result``, an accuracy measured by ``evaluate_synset`` (DSA at evaluation, final epoch)
+        on a set with ``labels`` (hard ``[n]`` or soft ``[n, C]``)."""
+        return cls(method, ipc, "soft" if labels.dim() == 2 else "hard", zca, dsa_distill, dsa_eval=True,
+                   eval_model=result.model, eval_width=eval_width, epochs=result.epochs, runs=len(result.accuracies))
+
     def line(self) -> str:
         """A compact one-line card, e.g. ``DC · IPC 10 · hard · no ZCA · DSA distill/eval yes/yes · ...``."""
         yes = {True: "yes", False: "no", None: "n/a"}
@@ -193,9 +201,8 @@ def score(method: str, images: Tensor, labels: Tensor, lr: float, test: ImageDat
     """
     accuracy = evaluate_synset(images, labels, test, model=model, lr=lr, epochs=epochs, runs=runs,
                                model_kwargs=model_kwargs, progress=progress)
-    card = ProtocolCard(method, ipc=len(images) // test.num_classes, labels="soft" if labels.dim() == 2 else "hard",
-                        zca=test.zca is not None, dsa_distill=dsa_distill, dsa_eval=True, eval_model=model,
-                        eval_width=(model_kwargs or {}).get("width"), epochs=epochs, runs=runs)
+    card = ProtocolCard.of(method, labels, len(images) // test.num_classes, accuracy, test.zca is not None,
+                           dsa_distill, (model_kwargs or {}).get("width"))
     return Result(card, accuracy, cost.seconds if cost else 0.0, iterations, cost.peak_bytes if cost else None)
 
 
