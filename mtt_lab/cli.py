@@ -63,6 +63,10 @@ def _print_store(store: TrajectoryStore) -> None:
           f"on {store.dataset} "
           f"({spec['channels']}x{spec['image_size']}x{spec['image_size']}), "
           f"{len(store)} experts x {store.epochs} epochs, P = {store.num_params:,} parameters")
+    c = store.manifest["config"]
+    print(f"  protocol: experts · all of {store.dataset}'s training split · hard labels · "
+          f"{'ZCA' if c['zca'] else 'no ZCA'} · DSA in training {'yes' if c['dsa'] else 'no'} · "
+          f"SGD lr {c['lr']} momentum {c['momentum']} · {store.epochs} ep · final epoch")
     for i in range(len(store)):
         m = store.metrics(i)
         print(f"  expert {i}: final test accuracy {100 * m['test_acc'][-1]:.2f} %, {m['seconds']:.0f} s")

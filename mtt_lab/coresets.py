@@ -23,7 +23,7 @@ from torch import Tensor
 from .data import ImageDataset
 from .experts import TrajectoryStore
 from .models import Functional
-from .train import resolve_device
+from .train import EVAL_BATCH, resolve_device
 
 Embed = Callable[[Tensor], Tensor]  # images [n, c, h, w] -> features [n, d]
 
@@ -34,7 +34,7 @@ def random_coreset(train: ImageDataset, ipc: int, generator: torch.Generator | N
 
 
 def expert_embedder(store: TrajectoryStore, expert: int = 0, epoch: int = -1, device: str = "auto",
-                    batch_size: int = 500) -> Embed:
+                    batch_size: int = EVAL_BATCH) -> Embed:
     """Penultimate features of expert ``expert`` at epoch ``epoch`` (default: its last snapshot).
 
     Returns ``embed(x [n, c, h, w]) -> [n, d]`` (on ``device``), run in eval mode without a

@@ -32,6 +32,7 @@ def test_experts_and_info(store_dir, capsys):
     assert main(["info", str(store_dir)]) == 0
     out = capsys.readouterr().out
     assert "2 experts x 3 epochs" in out and "all files OK" in out
+    assert "protocol: experts · all of mnist10k's training split · hard labels · no ZCA · DSA in training yes" in out
 
 
 def test_info_names_a_corrupt_file(store_dir, tmp_path, capsys):
