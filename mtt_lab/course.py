@@ -67,11 +67,14 @@ def preset(quick: bool | None = None) -> Preset:
     return QUICK if (quick_mode() if quick is None else quick) else FULL
 
 
-def course_experts(p: Preset | None = None, progress: bool = True) -> TrajectoryStore:
-    """The course's ConvNet experts on mnist10k for preset ``p``: trained once, then reused."""
+def course_experts(p: Preset | None = None, progress: bool = True, folder: Path | None = None) -> TrajectoryStore:
+    """The course's ConvNet experts on mnist10k for preset ``p``: trained once, then reused.
+
+    They live in ``folder / f"experts_{p.name}"``, ``folder`` defaulting to :func:`artefacts_dir`.
+    """
     p = p or preset()
     config = ExpertConfig(model_kwargs=p.model_kwargs, num_experts=p.num_experts, epochs=p.expert_epochs_trained)
-    return train_experts(config, artefacts_dir() / f"experts_{p.name}", progress=progress)
+    return train_experts(config, (folder or artefacts_dir()) / f"experts_{p.name}", progress=progress)
 
 
 def run_exercise(notebook: str, name: str, attempt, check) -> bool:

@@ -4,8 +4,9 @@ The cheap checks (format, first cell, exercises) read the ``.ipynb`` files only.
 executes every notebook with ``nbclient`` in a ``python3`` kernel, with ``notebooks/`` as the
 working directory and, for the whole session, ``MTT_LAB_QUICK=1`` (small sizes),
 ``MTT_LAB_SOLUTIONS=1`` (the solutions are filled in: an exercise check that fails is an error) and ``MTT_LAB_ARTEFACTS`` set
-to one temporary folder, so the quick-mode experts are trained by the first notebook that needs
-them and reused by all the others (and ``OMP_NUM_THREADS=1`` unless already set, see below).
+to one temporary folder per test process, so the quick-mode experts are trained once and reused by
+all the notebooks (under pytest-xdist once for all workers; see ``artefacts``), and
+``OMP_NUM_THREADS=1`` unless already set (see below).
 Notebooks are found with a glob: new ones are tested too.
 
     .venv/bin/python -m pytest tests/test_notebooks.py              # everything (minutes)
@@ -19,13 +20,17 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from filelock import FileLock
 
-from mtt_lab.course import CODE_STUB, SOLUTION_BEGIN, SOLUTION_END, run_exercise, strip_solutions, write_student_versions
+from mtt_lab.course import (CODE_STUB, SOLUTION_BEGIN, SOLUTION_END, course_experts, preset, run_exercise,
+                            strip_solutions, write_student_versions)
+from mtt_lab.files import LOCK_NAME
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -310,9 +315,20 @@ def test_an_exercise_ladder_and_a_key_ideas_box_close_the_notebook(path):
 
 
 @pytest.fixture(scope="session")
-def artefacts(tmp_path_factory) -> Path:
-    """One folder for the whole session: experts trained by one notebook are reused by the rest."""
-    return tmp_path_factory.mktemp("course_artefacts")
+def artefacts(tmp_path_factory, worker_id) -> Path:
+    """One folder per test process, holding the quick-mode experts that every notebook reuses.
+
+    Under pytest-xdist the experts are trained once, by the first worker to get here, into a folder
+    that all workers of this run share (under a file lock), and copied into each worker's folder.
+    """
+    folder = tmp_path_factory.mktemp("course_artefacts")
+    if worker_id == "master":  # one process: the first notebook that needs the experts trains them
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, the parent of every worker's
+    with FileLock(shared / "course_experts.lock"):
+        store = course_experts(preset(quick=True), progress=False, folder=shared)
+    shutil.copytree(store.path, folder / store.path.name, ignore=shutil.ignore_patterns(LOCK_NAME))
+    return folder
 
 
 @pytest.fixture(scope="session")
