@@ -16,7 +16,7 @@ demo: install
 	$(BIN)/mtt-lab quickstart --out runs/quickstart
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not students" --durations=12
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not students" --durations=20
 
 # every notebook's student version run top to bottom, its checks failing politely (as long again as the notebooks)
 test-students: install
