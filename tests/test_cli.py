@@ -3,21 +3,21 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import CLI_EXPERTS as TINY
+from conftest import copy_store
 
-from mtt_lab import cli
+from mtt_lab import cli, course
 from mtt_lab.cli import main
-
-TINY = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "experts"
-    assert main(["experts", *TINY, "--out", str(out)]) == 0
-    return out
+def store_dir(cli_store):
+    """``mtt-lab experts TINY`` (made once per test run, see conftest): read, never written."""
+    return cli_store
 
 
 def distill_args(store_dir, out, iterations, *extra):
@@ -170,16 +170,26 @@ def test_console_script_help():
 
 
 @pytest.mark.slow
-def test_quickstart_beats_random(tmp_path):
-    """The README's demo: MTT at IPC 1 clearly beats the random real images it starts from."""
+def test_quickstart_writes_its_summary_and_grid(tmp_path, quick_experts, monkeypatch, capsys):
+    """The README's demo on a tiny budget: every step and file, not the accuracy. The demo's claim
+    (MTT at IPC 1 clearly beats the random real images it starts from) is asserted by notebook 00,
+    which runs the same preset with the same seed. The demo's experts are the course's quick
+    experts, so the run reuses them (``OUT/experts`` is complete: ``train_experts`` resumes it with
+    nothing to do)."""
+    copy_store(quick_experts, tmp_path / "experts")
+    monkeypatch.setattr(course, "QUICK", replace(course.QUICK, iterations=5, eval_epochs=20, eval_runs=1))
     assert main(["quickstart", "--out", str(tmp_path), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"random_acc", "mtt_acc", "expert_acc", "cards", "seconds"}
+    assert summary["preset"]["iterations"] == 5 and len(summary["mtt_acc"]) == len(summary["random_acc"]) == 1
     assert summary["cards"]["mtt"]["method"] == "MTT" and summary["cards"]["random"]["dsa_distill"] is None
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    assert mean(summary["mtt_acc"]) > mean(summary["random_acc"]) + 0.1
-    assert mean(summary["expert_acc"]) > 0.8
-    assert (tmp_path / "run" / "grid.png").is_file()
+    assert summary["cards"]["mtt"]["epochs"] == 20 and summary["cards"]["experts"]["runs"] == 2
+    assert all(0 <= a <= 1 for a in summary["random_acc"] + summary["mtt_acc"])
+    assert min(summary["expert_acc"]) > 0.8
+    assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "images.pt").is_file()
+    out = capsys.readouterr().out
+    for row in ("Random real, IPC 1", "MTT distilled, IPC 1", "Experts (all 8,000 images)"):
+        assert row in out
 
 
 def test_kd_and_dlb_write_run_folders(store_dir, tmp_path, capsys):

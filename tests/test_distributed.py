@@ -38,6 +38,14 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
+def one_process_experts(tmp_path_factory) -> Path:
+    """``mtt-lab experts TINY_EXPERTS`` in this process: what every multi-process run must write."""
+    out = tmp_path_factory.mktemp("one_process") / "experts"
+    assert main(["experts", *TINY_EXPERTS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def store(tmp_path_factory) -> TrajectoryStore:
     config = ExpertConfig(model_kwargs={"width": 8, "depth": 2}, num_experts=2, epochs=4, device="cpu")
     return train_experts(config, tmp_path_factory.mktemp("experts"), progress=False)
@@ -195,9 +203,8 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_experts_under_torchrun_are_bit_identical_and_survive_kill_9(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["experts", *TINY_EXPERTS, "--out", str(one)]) == 0
+def test_experts_under_torchrun_are_bit_identical_and_survive_kill_9(one_process_experts, tmp_path):
+    one, two = one_process_experts, tmp_path / "two"
 
     # start 2 ranks, kill -9 rank 1 as soon as rank 0 has finished its first expert
     launcher = subprocess.Popen([*TORCHRUN, "-m", "mtt_lab.cli", "experts", *TINY_EXPERTS,
@@ -263,15 +270,14 @@ def two_nodes(*args: str, timeout: float = 180) -> list[subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_two_nodes_write_what_one_process_writes(store, tmp_path):
-    """Experts and distillation across two 'nodes' (rank = node, local rank 0 on both): the same files."""
+def test_two_nodes_write_what_one_process_writes(store, one_process_experts, tmp_path):
+    """Experts and distillation across two 'nodes' (rank = node, local rank 0 on both): the same files.
+    Three experts: node 0 trains experts 0 and 2, node 1 expert 1."""
     one, two = tmp_path / "one", tmp_path / "two"
-    experts = ["--model", "ConvNetW16", "--epochs", "1", "--experts", "2", "--device", "cpu"]
-    assert main(["experts", *experts, "--out", str(one / "experts")]) == 0
-    for result in two_nodes("experts", *experts, "--out", str(two / "experts")):
+    for result in two_nodes("experts", *TINY_EXPERTS, "--out", str(two / "experts")):
         assert result.returncode == 0, result.stderr[-3000:]
-    assert _expert_files(two / "experts") == _expert_files(one / "experts")
-    assert _manifest_without_times(two / "experts") == _manifest_without_times(one / "experts")
+    assert _expert_files(two / "experts") == _expert_files(one_process_experts)
+    assert _manifest_without_times(two / "experts") == _manifest_without_times(one_process_experts)
 
     distill = ["distill", "--experts", str(store.path), "--trajectories", "2", "--syn-steps", "3", "--expert-epochs",
                "1", "--max-start-epoch", "3", "--iterations", "3", "--device", "cpu"]

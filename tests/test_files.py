@@ -21,6 +21,8 @@ import textwrap
 
 import pytest
 import torch
+from conftest import CLI_EXPERTS as TINY
+from conftest import copy_store
 
 from mtt_lab import files
 from mtt_lab.cli import main
@@ -28,8 +30,6 @@ from mtt_lab.data import load_dataset
 from mtt_lab.experts import TrajectoryStore
 from mtt_lab.files import FileError, FolderLock, LineLog, atomic_write, read_torch, save_torch
 from mtt_lab.runs import RunFolder
-
-TINY = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--device", "cpu"]
 
 
 def distill_argv(store, out, iterations=2, *extra):
@@ -39,10 +39,10 @@ def distill_argv(store, out, iterations=2, *extra):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(tmp_path_factory, cli_store):
     """A store of two tiny experts, a finished 2-iteration run folder and a small image folder."""
     root = tmp_path_factory.mktemp("made")
-    assert main(["experts", *TINY, "--out", str(root / "store")]) == 0
+    copy_store(cli_store, root / "store")
     assert main(distill_argv(root / "store", root / "run")) == 0
     from PIL import Image
 

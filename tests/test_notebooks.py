@@ -20,17 +20,15 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from filelock import FileLock
+from conftest import copy_store
 
-from mtt_lab.course import (CODE_STUB, SOLUTION_BEGIN, SOLUTION_END, course_experts, preset, run_exercise,
+from mtt_lab.course import (CODE_STUB, SOLUTION_BEGIN, SOLUTION_END, run_exercise,
                             strip_solutions, write_student_versions)
-from mtt_lab.files import LOCK_NAME
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -315,19 +313,16 @@ def test_an_exercise_ladder_and_a_key_ideas_box_close_the_notebook(path):
 
 
 @pytest.fixture(scope="session")
-def artefacts(tmp_path_factory, worker_id) -> Path:
+def artefacts(request, tmp_path_factory, worker_id) -> Path:
     """One folder per test process, holding the quick-mode experts that every notebook reuses.
 
-    Under pytest-xdist the experts are trained once, by the first worker to get here, into a folder
-    that all workers of this run share (under a file lock), and copied into each worker's folder.
+    Under pytest-xdist they are the run's shared ``quick_experts`` (see conftest), copied in; in one
+    process the folder starts empty, so the first notebook that needs the experts trains them.
     """
     folder = tmp_path_factory.mktemp("course_artefacts")
-    if worker_id == "master":  # one process: the first notebook that needs the experts trains them
-        return folder
-    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, the parent of every worker's
-    with FileLock(shared / "course_experts.lock"):
-        store = course_experts(preset(quick=True), progress=False, folder=shared)
-    shutil.copytree(store.path, folder / store.path.name, ignore=shutil.ignore_patterns(LOCK_NAME))
+    if worker_id != "master":
+        store = request.getfixturevalue("quick_experts")
+        copy_store(store, folder / store.name)
     return folder
 
 
