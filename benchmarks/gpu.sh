@@ -23,7 +23,7 @@ GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu
-  DISTILL=(--inputs mnist --ipc 1 --steps 2 --trajectories 2 --variants exact checkpoint constant --width 16 --reps 1)
+  DISTILL=(--inputs mnist --ipc 1 --steps 2 --trajectories 2 --variants exact --width 16 --reps 1)  # one variant: each point is a fresh process
   PRECISION=(--width 16 --ipc 1 --steps 2 --seeds 1)
   BATCHED=(--width 16 --ipc 1 --steps 2 --trajectories 2 --modes exact --reps 1)
   EXPERTS=(--model ConvNetW16 --experts 2 --epochs 1)
