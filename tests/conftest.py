@@ -35,27 +35,25 @@ def mnist_test():
 
 
 def made_once(tmp_path_factory, worker_id, name: str, make) -> Path:
-    """``make(folder)`` run once per test run for the folder ``name``, which is returned.
+    """``make(shared)``, run once per test run under the lock ``name``: the folder it returns.
 
-    Under pytest-xdist the folder lives in the run's folder (the parent of every worker's), and the
-    first worker to ask makes it under a file lock while the others wait; ``make`` must finish an
-    incomplete folder (as ``train_experts`` resumes a store). Copy the folder before writing to it.
+    ``shared`` is the run's folder under pytest-xdist (the parent of every worker's): the first
+    worker to ask makes the folder there while the others wait for the lock, and later calls find it
+    done (``make`` must finish an incomplete folder, as ``train_experts`` resumes a store). Copy the
+    folder before writing to it.
     """
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":
         shared = shared.parent
     with FileLock(shared / f"{name}.lock"):
-        make(shared / name)
-    return shared / name
+        return make(shared)
 
 
 @pytest.fixture(scope="session")
 def quick_experts(tmp_path_factory, worker_id) -> Path:
     """The course's quick-mode experts (``course_experts(preset(quick=True))``; about a minute)."""
-    def make(folder: Path) -> None:
-        course_experts(preset(quick=True), progress=False, folder=folder.parent)
-
-    return made_once(tmp_path_factory, worker_id, f"experts_{preset(quick=True).name}", make)
+    return made_once(tmp_path_factory, worker_id, "quick_experts",
+                     lambda shared: course_experts(preset(quick=True), progress=False, folder=shared).path)
 
 
 CLI_EXPERTS = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--device", "cpu"]
@@ -64,8 +62,9 @@ CLI_EXPERTS = ["--model", "ConvNetW16", "--experts", "2", "--epochs", "3", "--de
 @pytest.fixture(scope="session")
 def cli_store(tmp_path_factory, worker_id) -> Path:
     """``mtt-lab experts CLI_EXPERTS``: two ConvNetW16 experts of 3 epochs (about 20 s)."""
-    def make(folder: Path) -> None:
-        assert main(["experts", *CLI_EXPERTS, "--out", str(folder)]) == 0
+    def make(shared: Path) -> Path:
+        assert main(["experts", *CLI_EXPERTS, "--out", str(shared / "cli_store")]) == 0
+        return shared / "cli_store"
 
     return made_once(tmp_path_factory, worker_id, "cli_store", make)
 
