@@ -5,8 +5,11 @@ port with a token and follows the prose the way a learner would: run the first c
 Start, move the N slider, then run the next cells, which drive the same dashboard from code,
 while it is still running. It checks the DOM: those cells pause the run and say so (no
 traceback), the distiller reports the new N, and an M the experts cannot serve is refused in red
-while its slider snaps back to the M in use. It saves ``assets/dashboard.png`` and
-``assets/trajectory_pca.png`` for the README.
+while its slider snaps back to the M in use. It screenshots the dashboard and the trajectory explorer
+into its temporary folder; ``MTT_LAB_SCREENSHOTS=assets`` (or another folder) saves them there instead,
+which is how the README's ``assets/dashboard.png`` and ``assets/trajectory_pca.png`` are remade:
+
+    MTT_LAB_SCREENSHOTS=assets .venv/bin/python -m pytest -q tests/test_browser.py
 
 Needs Debian's Chromium at /usr/bin/chromium (Playwright cannot download its own browser here);
 without it the test is skipped, unless CI=true, where a missing browser is a failure.
@@ -32,7 +35,6 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TIMEOUT_MS = 150_000  # kernel start, imports and the first cells, on a shared CPU
 
 CELLS = [
@@ -236,7 +238,7 @@ def test_dashboard_in_jupyterlab(chromium_path, jupyterlab, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.set_default_timeout(TIMEOUT_MS)
         try:
-            run_dashboard(page, url, token, ASSETS)
+            run_dashboard(page, url, token, Path(os.environ.get("MTT_LAB_SCREENSHOTS", tmp_path)))
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
             print(f"screenshot of the failure: {tmp_path / 'failure.png'}; server log: {tmp_path / 'jupyterlab.log'}")
