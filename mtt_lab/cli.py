@@ -224,18 +224,19 @@ def cmd_quickstart(args) -> None:
     print(f"mtt-lab {__version__} quickstart on mnist10k (device {device}) -> {out}")
     print(f"1/3 training {p.num_experts} experts (ConvNet {p.model_kwargs}, {p.expert_epochs_trained} epochs)")
     store = train_experts(ExpertConfig(model_kwargs=p.model_kwargs, num_experts=p.num_experts,
-                                       epochs=p.expert_epochs_trained, device=str(device)), out / "experts")
+                                       epochs=p.expert_epochs_trained, seed=args.seed, device=str(device)),
+                          out / "experts")
     train, test = load_splits("mnist10k", device=device)
     print(f"2/3 distilling 10 images (IPC 1) by trajectory matching: N={p.syn_steps}, M={p.expert_epochs}, "
           f"T+={p.max_start_epoch}, {p.iterations} iterations")
     config = DistillConfig(ipc=1, syn_steps=p.syn_steps, expert_epochs=p.expert_epochs,
                            max_start_epoch=p.max_start_epoch, iterations=p.iterations, lr_img=p.lr_img,
-                           lr_lr=p.lr_lr, device=str(device))
+                           lr_lr=p.lr_lr, seed=args.seed, device=str(device))
     # the baseline: the random real images MTT starts from (the Distiller draws them with this seed)
     random_images, random_labels = train.sample_per_class(1, torch.Generator().manual_seed(config.seed))
     distiller = distill_run(store, train, config, out / "run", overwrite=True)  # the demo replaces its own run
     print(f"3/3 evaluating: {p.eval_runs} fresh ConvNets trained {p.eval_epochs} epochs on each 10-image set")
-    kw = dict(test=test, model_kwargs=p.model_kwargs, epochs=p.eval_epochs, runs=p.eval_runs)
+    kw = dict(test=test, model_kwargs=p.model_kwargs, epochs=p.eval_epochs, runs=p.eval_runs, seed=args.seed)
     random = evaluate_synset(random_images, random_labels, lr=0.01, **kw)
     mtt = evaluate_synset(distiller.final_images(), distiller.labels, lr=distiller.syn_lr, **kw)
     experts = EvalResult.of("ConvNet", [store.metrics(i)["test_acc"][-1] for i in range(len(store))],
@@ -295,9 +296,19 @@ def _table(rows: list[tuple[str, EvalResult, ProtocolCard]]) -> str:
 DISTRIBUTED_COMMANDS = ("experts", "distill")  # the commands that split their work under torchrun
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an argument's help unless the default is None or False (flags that are
+    off, and values whose default the help text itself explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtt-lab", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mtt-lab", description=__doc__.split("\n")[0].replace("``", ""),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under torchrun: gloo (CPU) or nccl (CUDA); default: nccl on CUDA, else gloo")
 
     def command(name, help):
-        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of every random draw (initialisations, batches, DSA)")
         return p
 
     p = command("experts", "train expert networks and record their parameter trajectories")
@@ -318,15 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL", help="network architecture")
     p.add_argument("--experts", type=int, default=5, help="number of experts K")
     p.add_argument("--epochs", type=int, default=20, help="epochs per expert E")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.01, help="plain SGD learning rate (no momentum)")
+    p.add_argument("--batch-size", type=int, default=256, help="real images per SGD step")
     p.add_argument("--no-dsa", action="store_true", help="train without differentiable augmentation")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the data (MTT does for CIFAR)")
     p.add_argument("--out", required=True, help="trajectory store folder (resumed if it exists)")
     p.set_defaults(func=cmd_experts)
 
     p = command("info", "summarise and validate a trajectory store or a run folder")
-    p.add_argument("path")
+    p.add_argument("path", help="a trajectory store or a run folder")
     p.set_defaults(func=cmd_info)
 
     d = DistillConfig()
@@ -338,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="the data of the methods without experts (default mnist10k)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any field of the method's config, e.g. --set window=20 --set model_kwargs={'width':32} "
+                   help="any field of the method's config, e.g. --set window=20 --set \"model_kwargs={'width':32}\" "
                         "(repeatable; a field the method lacks is refused with the list of its fields)")
     p.add_argument("--ipc", type=int, default=None, help=f"images per class (default {d.ipc})")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
@@ -362,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     mtt.add_argument("--pixel-limit", type=float, default=None,
                      help=f"stop when a pixel leaves +-this (normalised units): the run has diverged "
                           f"({d.pixel_limit:g})")
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=50, help="iterations between checkpoints (for --resume)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     existing.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
@@ -374,10 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", default=None,
                    help="trajectory store: needed by herding, k-center and soft-labels (its dataset is used)")
     p.add_argument("--dataset", default="mnist10k", help="the baseline's dataset without --experts")
-    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--ipc", type=int, default=1, help="images per class of a baseline set")
     p.add_argument("--models", nargs="+", default=["ConvNet"], help="architectures to train (cross-architecture)")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=300, help="training epochs of each fresh network")
+    p.add_argument("--runs", type=int, default=3, help="fresh networks per architecture (mean ± std)")
     p.add_argument("--lr", type=float, default=None, help="default: the run's learned alpha, or 0.01")
     p.set_defaults(func=cmd_evaluate)
 
@@ -393,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=float, default=4.0, help="softmax temperature")
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
     per_class(p)
-    p.add_argument("--out", default="runs/kd")
+    p.add_argument("--out", default="runs/kd", help="results folder")
     p.set_defaults(func=cmd_kd)
 
     p = command("dlb", "self-distillation from the last mini-batch (DLB) against plain training")
@@ -404,11 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the consistency term")
     p.add_argument("--fresh-view", action="store_true", help="re-augment the repeated half (the authors' code)")
     per_class(p)
-    p.add_argument("--out", default="runs/dlb")
+    p.add_argument("--out", default="runs/dlb", help="results folder")
     p.set_defaults(func=cmd_dlb)
 
     p = command("quickstart", "the whole pipeline on the bundled digits in about two minutes on a CPU")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--out", default="runs/quickstart", help="folder for the experts, the run and summary.json")
     p.set_defaults(func=cmd_quickstart)
     return parser
 
