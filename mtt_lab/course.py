@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .experts import ExpertConfig, TrajectoryStore, train_experts
+from .files import atomic_write
 
 
 def quick_mode() -> bool:
@@ -148,10 +149,14 @@ def student_notebook(notebook: dict) -> dict:
     return student
 
 
-def write_student_versions(out: Path, notebooks: Path | None = None) -> list[Path]:
-    """Write the student version of every ``notebooks/*.ipynb`` (and the cheat-sheet) into ``out``."""
+def write_student_versions(out: Path, notebooks: Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the student version of every ``notebooks/*.ipynb`` (and the cheat-sheet) into ``out``.
+
+    A file already in ``out`` that differs from what would be written (a learner's work, say) is kept
+    and refused with :class:`FileExistsError` before anything is written, unless ``overwrite``; each
+    file is written atomically.
+    """
     import json
-    import shutil
 
     notebooks = Path(notebooks or Path(__file__).resolve().parent.parent / "notebooks")
     sources = sorted(notebooks.glob("*.ipynb"))
@@ -160,17 +165,20 @@ def write_student_versions(out: Path, notebooks: Path | None = None) -> list[Pat
     out = Path(out)
     if out.resolve() == notebooks.resolve():
         raise ValueError(f"the student versions would overwrite the course notebooks in {notebooks}; choose another folder")
+    files = {out / path.name: (json.dumps(student_notebook(json.loads(path.read_text(encoding="utf-8"))), indent=1,
+                                          ensure_ascii=False) + "\n").encode()
+             for path in sources}
+    if (notebooks / "CHEATSHEET.md").is_file():
+        files[out / "CHEATSHEET.md"] = (notebooks / "CHEATSHEET.md").read_bytes()
+    changed = [target for target, data in files.items() if target.is_file() and target.read_bytes() != data]
+    if changed and not overwrite:
+        raise FileExistsError(f"{', '.join(str(t) for t in changed)} already exist{'s' if len(changed) == 1 else ''} "
+                              f"and differ from the student versions (edited by a learner?): nothing was written; "
+                              f"choose another folder, or pass overwrite=True (--overwrite) to replace them")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in sources:
-        student = student_notebook(json.loads(path.read_text(encoding="utf-8")))
-        target = out / path.name
-        target.write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        written.append(target)
-    for extra in ("CHEATSHEET.md",):
-        if (notebooks / extra).is_file():
-            shutil.copyfile(notebooks / extra, out / extra)
-    return written
+    for target, data in files.items():
+        atomic_write(target, data)
+    return [target for target in files if target.suffix == ".ipynb"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,8 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     student = commands.add_parser("student-versions", help="write the notebooks without their solutions")
     student.add_argument("out", type=Path, help="folder for the student notebooks (created if missing)")
     student.add_argument("--notebooks", type=Path, default=None, help="the course notebooks (default: the repository's)")
+    student.add_argument("--overwrite", action="store_true", help="replace files in OUT that differ (a learner's edits)")
     args = parser.parse_args(argv)
-    for path in write_student_versions(args.out, args.notebooks):
+    try:
+        written = write_student_versions(args.out, args.notebooks, args.overwrite)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    for path in written:
         print(path)
 
 

@@ -186,6 +186,19 @@ def test_student_versions_from_the_command_line(tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         write_student_versions(NOTEBOOKS_DIR, NOTEBOOKS_DIR)
 
+    # a learner's edits survive a second run: refused in one line, nothing written; same files are fine
+    assert write_student_versions(out, NOTEBOOKS_DIR)  # unchanged: written again without complaint
+    mine = out / NOTEBOOKS[1].name
+    mine.write_text(mine.read_text() + " ")
+    untouched = (out / NOTEBOOKS[0].name).stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "mtt_lab.course", "student-versions", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and str(mine) in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr and mine.read_text().endswith(" ")
+    assert (out / NOTEBOOKS[0].name).stat().st_mtime_ns == untouched
+    write_student_versions(out, NOTEBOOKS_DIR, overwrite=True)
+    assert not mine.read_text().endswith(" ")
+
 
 def test_run_exercise_is_polite_to_learners_and_strict_for_the_solutions(monkeypatch, capsys):
     def unfinished(x):
