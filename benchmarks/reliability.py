@@ -10,6 +10,7 @@ the error line it printed (or its first line of output; temporary paths shortene
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -134,4 +135,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # no options; --help says what it does
     main()
