@@ -8,7 +8,9 @@ replay a student step exactly when it recomputes that step's graph.
 
 A strategy is a string of op groups joined by ``_``. As in DSA's single ("S") mode, each call
 picks *one* group at random and applies it to the whole batch, each image with its own random
-parameters:
+parameters, or, with ``siamese=True``, every image with the same ones: DC and DM augment a real
+batch and a synthetic batch of another size with one transform shared by all their images, as the
+DSA paper's code does when it is given a seed (MTT's code, given none, draws per image):
 
 ========  ==========================================================================
 color     brightness, then saturation, then contrast
@@ -66,40 +68,42 @@ def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None =
     return t.to(device, dtype)
 
 
+# Each op draws the parameters of n transforms, n = len(x) or 1 (Siamese), broadcast over the batch.
+
 def _rand(generator, n, x):
     """``[n]`` uniform [0, 1) numbers drawn on the CPU generator, moved to ``x``'s device/dtype."""
     return to_device(torch.rand(n, generator=generator), x.device, x.dtype)
 
 
-def _brightness(x, g, p):
+def _brightness(x, g, p, n):
     # x + b, b ~ U(-brightness/2, brightness/2) per image
-    b = (_rand(g, len(x), x) - 0.5) * p.brightness
+    b = (_rand(g, n, x) - 0.5) * p.brightness
     return x + b.view(-1, 1, 1, 1)
 
 
-def _saturation(x, g, p):
+def _saturation(x, g, p, n):
     # mean_c + s (x - mean_c), s ~ U(0, saturation): pull towards / push away from the grey image
-    s = _rand(g, len(x), x) * p.saturation
+    s = _rand(g, n, x) * p.saturation
     grey = x.mean(dim=1, keepdim=True)
     return (x - grey) * s.view(-1, 1, 1, 1) + grey
 
 
-def _contrast(x, g, p):
+def _contrast(x, g, p, n):
     # mean + c (x - mean), c ~ U(contrast, 1 + contrast), mean over the whole image
-    c = _rand(g, len(x), x) + p.contrast
+    c = _rand(g, n, x) + p.contrast
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - mean) * c.view(-1, 1, 1, 1) + mean
 
 
 def _affine(x, theta):
-    """Resample ``x [n, c, h, w]`` through 2x3 affine maps ``theta [n, 2, 3]`` (bilinear, zero fill)."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    """Resample ``x [b, c, h, w]`` through 2x3 affine maps ``theta [n, 2, 3]``, n = b or 1 (bilinear, zero fill)."""
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, align_corners=True)
 
 
-def _crop(x, g, p):
+def _crop(x, g, p, n):
     # translate by integer (dx, dy) in [-pad, pad] pixels, pad = round(crop_pad * size)
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     pad = int(h * p.crop_pad + 0.5)
     shift = to_device(torch.randint(-pad, pad + 1, (n, 2), generator=g), x.device, x.dtype)
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
@@ -110,9 +114,9 @@ def _crop(x, g, p):
     return _affine(x, theta)
 
 
-def _cutout(x, g, p):
+def _cutout(x, g, p, n):
     # zero a side x side square centred at a random pixel (clipped at the border)
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     side = int(h * p.cutout + 0.5)
     cy = to_device(torch.randint(0, h, (n, 1, 1), generator=g), x.device) - side // 2
     cx = to_device(torch.randint(0, w, (n, 1, 1), generator=g), x.device) - side // 2
@@ -122,23 +126,21 @@ def _cutout(x, g, p):
     return x * (~hole).unsqueeze(1).to(x)
 
 
-def _flip(x, g, p):
-    flip = to_device(torch.rand(len(x), generator=g) < p.flip_prob, x.device).view(-1, 1, 1, 1)
+def _flip(x, g, p, n):
+    flip = to_device(torch.rand(n, generator=g) < p.flip_prob, x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
 
 
-def _scale(x, g, p):
+def _scale(x, g, p, n):
     # independent x / y scale factors s ~ U(1/scale, scale)
-    n = len(x)
     s = to_device(torch.rand(n, 2, generator=g), x.device, x.dtype) * (p.scale - 1 / p.scale) + 1 / p.scale
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = s[:, 0], s[:, 1]
     return _affine(x, theta)
 
 
-def _rotate(x, g, p):
+def _rotate(x, g, p, n):
     # angle ~ U(-rotate, rotate) degrees
-    n = len(x)
     angle = (_rand(g, n, x) - 0.5) * 2 * p.rotate * math.pi / 180
     cos, sin = angle.cos(), angle.sin()
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
@@ -167,18 +169,21 @@ def parse_strategy(strategy: str) -> list[str]:
     return groups
 
 
-def dsa(x: Tensor, strategy: str, generator: torch.Generator, params: DSAParams = DSAParams()) -> Tensor:
+def dsa(x: Tensor, strategy: str, generator: torch.Generator, params: DSAParams = DSAParams(),
+        siamese: bool = False) -> Tensor:
     """Augment a batch ``x [n, c, h, w]`` with one randomly chosen op group of ``strategy``.
 
-    ``generator`` is a CPU ``torch.Generator``; its state fully determines the transform.
-    The result is differentiable with respect to ``x``.
+    ``generator`` is a CPU ``torch.Generator``; its state fully determines the transform. Each image
+    gets its own random parameters, or with ``siamese`` all images the same (then batches of any size
+    augmented from the same state share one transform). Differentiable with respect to ``x``.
     """
     groups = parse_strategy(strategy)
     if not groups:
         return x
     group = groups[int(torch.randint(len(groups), (1,), generator=generator))]
+    draws = 1 if siamese else len(x)
     for op in OPS[group]:
-        x = op(x, generator, params)
+        x = op(x, generator, params, draws)
     return x
 
 

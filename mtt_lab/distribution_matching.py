@@ -6,7 +6,8 @@ no second derivative is taken: one outer iteration (:meth:`DistributionMatching.
 
 1. draw a fresh network psi with the model's own random init (its weights are never updated);
 2. for every class c: ``batch_real`` real images of c and the ``ipc`` synthetic images of c, both
-   augmented by DSA from one seed (Siamese, as in ``gradient_matching``), embedded by psi's feature extractor
+   augmented by one DSA transform shared by all their images (Siamese, as in ``gradient_matching``),
+   embedded by psi's feature extractor
    (``model.embed``: a ConvNet's flattened last block, ``[n, d]``);
 3. loss = sum_c || mean_i psi(aug(x_real_c,i)) - mean_j psi(aug(s_c,j)) ||^2
 4. one SGD step (momentum 0.5) on the pixels.
@@ -40,8 +41,8 @@ def mean_embedding_loss(embed: Embed, syn: list[Tensor], real: list[Tensor], see
     loss = syn[0].new_zeros(())
     for s, r, seed in zip(syn, real, seeds, strict=True):
         with torch.no_grad():
-            mean_real = embed(dsa(r, strategy, seeded_generator(seed))).mean(0)  # [d]
-        mean_syn = embed(dsa(s, strategy, seeded_generator(seed))).mean(0)  # [d]
+            mean_real = embed(dsa(r, strategy, seeded_generator(seed), siamese=True)).mean(0)  # [d]
+        mean_syn = embed(dsa(s, strategy, seeded_generator(seed), siamese=True)).mean(0)  # [d]
         # loss += ||mu_real_c - mu_syn_c||^2
         loss = loss + (mean_real - mean_syn).pow(2).sum()
     return loss

@@ -8,11 +8,12 @@ on S points the same way as the gradient on real data, class by class. One outer
 1. draw a fresh network theta_0 with the model's own random init;
 2. for ol = 1 .. outer_loop:
    a. for every class c: a batch of ``batch_real`` real images of c and the ``ipc`` synthetic images
-      of c, augmented by DSA from one seed (Siamese: the same op group for both; see the note below);
+      of c, augmented by one DSA transform shared by all their images (Siamese; see the note below);
       g_real_c = grad_theta CE(f(theta, aug(x_real_c)), c),  g_syn_c = grad_theta CE(f(theta, aug(s_c)), c);
    b. loss = sum_c D(g_real_c, g_syn_c); one SGD step (momentum 0.5) on the pixels of S;
-   c. (except after the last ol) ``inner_loop`` SGD steps of the network, as the papers do, on the
-      *synthetic* set (``inner_data="synthetic"``, the default) or on real data (``"real"``).
+   c. (except after the last ol) ``inner_loop`` epochs of SGD on the network over the *synthetic* set
+      in mini-batches of ``batch_train``, as the papers do (one step per epoch up to IPC 25 with 10
+      classes); ``inner_data="real"`` takes as many steps, on real data instead.
 
 The papers' distance D sums over layers l and over output channels i of each layer::
 
@@ -26,17 +27,15 @@ Defaults follow the papers' mnist/CIFAR settings: lr_img 0.1 (SGD, momentum 0.5)
 batch_real 256, and (outer_loop, inner_loop) = (1, 1) at IPC 1, (10, 50) at IPC 10, (20, 25) at
 IPC 20, (30, 20) at 30, (40, 15) at 40, (50, 10) at 50; for any other IPC set both explicitly.
 
-Note on Siamese DSA. The papers' code reseeds its generator before every op, so image i of the real
-batch and image i of the synthetic batch get the same parameters for every op of the group.
-``augment.dsa`` seeds once per call and draws each op's parameters for the whole batch in turn, so
-with batches of different sizes (256 real, ``ipc`` synthetic) both always get the same op group, and
-image i gets the same crop, scale and rotation in both, but not the same color or cutout parameters
-(the later draws of those ops fall at other places of the stream; tests pin this).
-Matching a class's *average* gradient needs the same kind of transform on both sides, which holds.
+Note on Siamese DSA. Given a seed, the papers' code draws one set of parameters and applies it to
+every image of the batch, so the real batch of a class (256 images) and its ``ipc`` synthetic images
+are transformed identically: the two gradients compare the same view of the data. Here that is
+``augment.dsa(..., siamese=True)`` with one generator state for both batches.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -88,8 +87,8 @@ def matching_loss(fn: Functional, theta: Tensor, syn: list[Tensor], real: list[T
     theta = theta.detach().requires_grad_(True)
     loss = theta.new_zeros(())
     for c, (s, r, seed) in enumerate(zip(syn, real, seeds, strict=True)):
-        x_real = dsa(r, strategy, seeded_generator(seed))
-        x_syn = dsa(s, strategy, seeded_generator(seed))
+        x_real = dsa(r, strategy, seeded_generator(seed), siamese=True)
+        x_syn = dsa(s, strategy, seeded_generator(seed), siamese=True)
         y_real = torch.full((len(r),), c, dtype=torch.long, device=r.device)
         y_syn = torch.full((len(s),), c, dtype=torch.long, device=s.device)
         (g_real,) = torch.autograd.grad(F.cross_entropy(fn(theta, x_real), y_real), theta)
@@ -108,7 +107,7 @@ class DCConfig(SetConfig):
     batch_real: int = 256  # real images per class in each matching step
     batch_train: int = 256  # inner steps' mini-batch
     outer_loop: int | None = None  # None = the papers' value for this IPC
-    inner_loop: int | None = None
+    inner_loop: int | None = None  # epochs over the synthetic set between matching steps
     inner_data: str = "synthetic"  # synthetic (the papers) | real
 
     def validate(self) -> None:
@@ -142,15 +141,16 @@ class GradientMatching(SyntheticSet):
         super().__init__(train, config or DCConfig())
         self.optimizer = torch.optim.SGD([self._images], lr=self.config.lr_img, momentum=0.5)
 
-    def _inner_steps(self, fn: Functional, theta: Tensor, steps: int) -> Tensor:
-        """``steps`` plain SGD steps of the network (no graph into the pixels), DSA on every batch."""
+    def _inner_steps(self, fn: Functional, theta: Tensor, epochs: int) -> Tensor:
+        """``epochs`` x ceil(n_syn / batch_train) plain SGD steps of the network (no graph into the pixels),
+        DSA on every batch: ``epochs`` epochs over the synthetic set."""
         c = self.config
+        steps = epochs * math.ceil(len(self._labels) / c.batch_train)
         if c.inner_data == "synthetic":
             images, labels = self._images.detach(), self._labels
         else:
             images, labels = self.train.images.to(self.device, self.dtype), self.train.labels.to(self.device)
         lr = torch.tensor(c.lr_net, device=self.device, dtype=self.dtype)
-        # an inner step on a set of at most batch_train images is one epoch over it
         for plan in sweep_plans(len(labels), c.batch_train, steps, self.generator, self.device):
             theta, _ = student_step(fn, theta.detach().requires_grad_(True), images, labels, lr, plan,
                                     self.strategy, create_graph=False)

@@ -24,8 +24,9 @@ def reference_loss(embed, syn, real, seeds, strategy) -> float:
     """sum_c sum_k (mean_i e_ik(real) - mean_j e_jk(syn))^2, image by image, in Python floats."""
     total = 0.0
     for s, r, seed in zip(syn, real, seeds):
-        er = [embed(x[None]).flatten().tolist() for x in dsa(r, strategy, seeded_generator(seed))]
-        es = [embed(x[None]).flatten().tolist() for x in dsa(s, strategy, seeded_generator(seed))]
+        # Siamese, by hand: each image augmented alone from the same generator state (one transform for all)
+        er = [embed(dsa(x[None], strategy, seeded_generator(seed))).flatten().tolist() for x in r]
+        es = [embed(dsa(x[None], strategy, seeded_generator(seed))).flatten().tolist() for x in s]
         for k in range(len(er[0])):
             mr = sum(e[k] for e in er) / len(er)
             ms = sum(e[k] for e in es) / len(es)

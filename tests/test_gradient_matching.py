@@ -70,7 +70,9 @@ def test_matching_loss_equals_module_gradients_and_reference():
     for c in range(2):
         grads = []
         for x, seed in ((real[c], seeds[c]), (syn[c], seeds[c])):
-            logits = functional_call(net, params, (dsa(x, strategy, seeded_generator(seed)),))
+            # Siamese, by hand: every image augmented alone from the same generator state, one transform for all
+            x_aug = torch.cat([dsa(image[None], strategy, seeded_generator(seed)) for image in x])
+            logits = functional_call(net, params, (x_aug,))
             ce = F.cross_entropy(logits, torch.full((len(x),), c))
             grads.append(torch.autograd.grad(ce, list(params.values())))
         expected += reference_distance(list(grads[0]), list(grads[1]))
@@ -167,12 +169,28 @@ def test_resume_refuses_another_config(digits):
         GradientMatching(digits, small_config(lr_img=0.5)).load_state_dict(state)
 
 
-@pytest.mark.parametrize("group, aligned", [("crop", True), ("scale", True), ("rotate", True),
-                                            ("color", False), ("cutout", False)])
-def test_siamese_alignment_of_batches_of_different_sizes(group, aligned):
-    """What the module docstring says about one seed for a 256-image and a 2-image batch: image i gets
-    the same transform in both for crop/scale/rotate, not for every op of color/cutout."""
-    x = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    same = [torch.allclose(dsa(x, group, seeded_generator(s))[:2], dsa(x[:2], group, seeded_generator(s)), atol=1e-5)
-            for s in range(4)]
-    assert all(same) if aligned else not all(same)
+@pytest.mark.parametrize("group", ["color", "crop", "cutout", "scale", "rotate", "flip"])
+def test_siamese_dsa_gives_every_image_of_both_batches_one_transform(group):
+    """What the module docstring says: one generator state, a 256-image and a 2-image batch, one
+    transform for all 258 images (the copies of one image stay equal); without ``siamese`` they differ."""
+    image = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    real, syn = image.expand(256, -1, -1, -1), image.expand(2, -1, -1, -1)
+    for s in range(4):
+        a = dsa(real, group, seeded_generator(s), siamese=True)
+        b = dsa(syn, group, seeded_generator(s), siamese=True)
+        assert torch.allclose(a, a[:1].expand_as(a)) and torch.allclose(b, a[:2])
+    per_image = [dsa(real, group, seeded_generator(s)) for s in range(4)]
+    assert not all(torch.allclose(a, a[:1].expand_as(a)) for a in per_image)
+
+
+@pytest.mark.parametrize("ipc, batch_train, steps", [(2, 8, 6), (2, 16, 4), (2, 20, 2)])
+def test_inner_loop_counts_epochs_over_the_synthetic_set(digits, monkeypatch, ipc, batch_train, steps):
+    """inner_loop = 2 epochs between the 2 matching steps: 20 synthetic images in batches of 8 take
+    3 steps an epoch, of 16 two, of 20 one (the papers' count; at small IPC one step is one epoch)."""
+    import mtt_lab.gradient_matching as gm
+
+    taken = []
+    real_step = gm.student_step
+    monkeypatch.setattr(gm, "student_step", lambda *a, **k: taken.append(len(a[5].index)) or real_step(*a, **k))
+    GradientMatching(digits, small_config(ipc=ipc, batch_train=batch_train)).step()
+    assert len(taken) == steps and sum(taken) == 2 * 10 * ipc  # two whole epochs of the 10 * ipc images
