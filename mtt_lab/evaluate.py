@@ -71,10 +71,10 @@ class EvalResult:
 
 def sgd_with_schedule(params, lr: float, epochs: int):
     """``(optimizer, scheduler)``: SGD (momentum 0.9, weight decay 5e-4) at ``lr``, x 0.1 after ``epochs // 2``
-    scheduler steps (one per epoch)."""
+    scheduler steps (one per epoch; a 1-epoch run keeps ``lr``)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    # lr x 0.1 at half the epochs
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    # lr x 0.1 at half the epochs (a milestone of 0 would cut it before the first step)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[max(1, epochs // 2)], gamma=0.1)
 
 
 def fit(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, lr: float, batch_size: int = 256,

@@ -179,3 +179,15 @@ def test_eval_result_is_the_one_summary():
     assert r.percent() == "85.00 ± 5.00 %" and str(r) == "experts: 85.00 ± 5.00 % (2 runs)"
     d = r.as_dict()
     assert d["accuracies"] == [0.8, 0.9] and d["mean"] == pytest.approx(0.85) and d["std"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("epochs, rates", [(1, [0.1]), (2, [0.1, 0.01]), (5, [0.1, 0.1, 0.01, 0.01, 0.01])])
+def test_the_learning_rate_drops_tenfold_at_half_the_epochs(epochs, rates):
+    """The rate each epoch trains with: x 0.1 after epochs // 2 of them; a single epoch keeps the rate."""
+    optimizer, scheduler = evaluate_module.sgd_with_schedule([torch.zeros(1, requires_grad=True)], 0.1, epochs)
+    seen = []
+    for _ in range(epochs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(rates)
