@@ -52,7 +52,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,10 @@ from .train import check_rate, resolve_device
 
 MODES = ("exact", "checkpoint", "constant")
 PRECISIONS = ("float32", "bfloat16", "tf32")  # the student unrolls' arithmetic (see DistillConfig)
+# the settings Distiller.update may change between steps (the rest shape what the distiller builds)
+CHANGEABLE = frozenset({"syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch", "lr_img", "lr_lr",
+                        "batch_syn", "max_start_epoch_end", "mode", "iterations", "max_skips", "pixel_limit",
+                        "trajectories"})
 ALPHA_MIN = 1e-6
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -370,12 +374,9 @@ class Distiller:
 
         ``update(syn_steps=40, expert_epochs=3)``; ``lr_img`` also updates the optimiser.
         """
-        allowed = {"syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch", "lr_img", "lr_lr",
-                   "batch_syn", "max_start_epoch_end", "mode", "iterations", "max_skips", "pixel_limit",
-                   "trajectories"}
-        bad = set(changes) - allowed
+        bad = set(changes) - CHANGEABLE
         if bad:
-            raise ValueError(f"cannot change {sorted(bad)} during a run; changeable: {sorted(allowed)}")
+            raise ValueError(f"cannot change {sorted(bad)} during a run; changeable: {sorted(CHANGEABLE)}")
         candidate = DistillConfig(**{**asdict(self.config), **changes})
         candidate.validate(self.store.epochs)
         self._check_world(candidate)
@@ -609,8 +610,20 @@ class Distiller:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` (the store and dataset must be the same)."""
-        self.config = DistillConfig(**state["config"])
+        """Restore a :meth:`state_dict` (the store and dataset must be the same).
+
+        The distiller must have been built with the checkpoint's settings, except those a run may
+        change (``CHANGEABLE``, taken from the checkpoint) and ``device``: what was built from the others
+        (augmentation, model, dtype, EMA, soft labels) cannot follow them, so a difference is refused.
+        """
+        recorded = DistillConfig(**state["config"])
+        built = {name: (getattr(self.config, name), value) for name, value in asdict(recorded).items()
+                 if name not in CHANGEABLE | {"device"} and getattr(self.config, name) != value}
+        if built:
+            raise ValueError("the checkpoint was made with other settings: "
+                             + ", ".join(f"{name} = {old!r} (the checkpoint: {new!r})" for name, (old, new) in built.items())
+                             + "; build the Distiller with DistillConfig(**state['config'])")
+        self.config = replace(recorded, device=self.config.device)
         with torch.no_grad():
             self._images.copy_(state["images"])
             self._syn_lr.copy_(state["syn_lr"])

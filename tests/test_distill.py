@@ -302,6 +302,23 @@ def test_resume_is_bit_for_bit(store, train, tmp_path, ema_decay, trajectories):
         assert not torch.equal(resumed.ema_images, resumed.images)
 
 
+def test_resume_refuses_a_checkpoint_of_other_built_settings_and_takes_the_changeable_ones(store, train):
+    """A distiller built without DSA (or EMA) cannot resume a run with it: refused by name, nothing loaded.
+    Settings a run may change (N, iterations) come from the checkpoint."""
+    d = make(store, train, batch_syn=4, syn_steps=3, ema_decay=0.9)
+    d.step()
+    d.update(syn_steps=2)
+    state = d.state_dict()
+    for other, name in [(dict(dsa=False), "dsa = False"), (dict(ema_decay=None), "ema_decay = None")]:
+        fresh = make(store, train, **{"batch_syn": 4, "syn_steps": 3, "ema_decay": 0.9, **other})
+        with pytest.raises(ValueError, match=f"{name} \\(the checkpoint: "):
+            fresh.load_state_dict(state)
+        assert fresh.iteration == 0
+    resumed = make(store, train, batch_syn=4, syn_steps=3, ema_decay=0.9, iterations=50)
+    resumed.load_state_dict(state)
+    assert resumed.iteration == 1 and resumed.config.syn_steps == 2 and resumed.step().syn_steps == 2
+
+
 def test_update_changes_knobs_between_steps(store, train, recorded_plans):
     d = make(store, train, syn_steps=2, expert_epochs=1, max_start_epoch=2)
     assert d.step().syn_steps == 2
