@@ -17,6 +17,7 @@ Three promises, kept here so that every other module can rely on them:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -63,7 +64,7 @@ def atomic_write(path, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically.
 
     The bytes go to ``.NAME.<random>.tmp`` beside ``path`` and are renamed over it only once complete
-    and fsynced. Raises :class:`FileError` (the previous file untouched, no temporary file left) if
+    and fsynced; the folder is fsynced after the rename, so the new name survives a power cut. Raises :class:`FileError` (the previous file untouched, no temporary file left) if
     the disk is full or the write fails.
     """
     path = Path(path)
@@ -87,6 +88,12 @@ def atomic_write(path, data: bytes | Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder; the file is written either way
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def atomic_write_json(path, obj) -> None:
