@@ -38,7 +38,7 @@ from .augment import default_strategy
 from .data import load_splits
 from .files import LOCK_NAME, FileError, FolderLock, atomic_write_json, bad_file, describe, read_json, read_torch, \
     require_keys, save_torch
-from .models import Functional, get_model
+from .models import Functional, check_model, get_model
 from .train import accuracy, check_rate, resolve_device, train_epoch
 
 MANIFEST = "manifest.json"
@@ -68,6 +68,7 @@ class ExpertConfig:
     device: str = "auto"
 
     def validate(self):
+        check_model(self.model, self.model_kwargs)  # before any data is loaded
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.epochs < 1:

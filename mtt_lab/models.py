@@ -19,6 +19,8 @@ makes a training step 1.10x to 1.35x and an ``exact`` MTT iteration 1.08x to 1.1
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from einops import repeat
@@ -258,13 +260,24 @@ MODELS: dict[str, tuple[type, dict]] = {
 }
 
 
+def check_model(name: str, model_kwargs: dict | None = None) -> None:
+    """Raise a ValueError naming the problem if ``name`` is no model or ``model_kwargs`` holds a keyword
+    it does not take (e.g. ``{"widht": 32}``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    cls = MODELS[name][0]
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("channels", "num_classes", "image_size")]
+    bad = sorted(set(model_kwargs or {}) - set(allowed))
+    if bad:
+        raise ValueError(f"{name} takes no {', '.join(bad)} in model_kwargs; its keywords: {', '.join(allowed) or 'none'}")
+
+
 def get_model(name: str, channels: int, num_classes: int, image_size: int, **overrides) -> nn.Module:
     """Build model ``name`` for ``[channels, image_size, image_size]`` inputs and ``num_classes``.
 
     ``overrides`` change the variant's keyword arguments (e.g. ``width=32`` for a ConvNet).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    check_model(name, overrides)
     cls, kwargs = MODELS[name]
     if cls is not ConvNet and not 28 <= image_size <= 64:
         raise ValueError(f"{name} is sized for 28..64 px inputs, got image_size={image_size}")

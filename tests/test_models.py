@@ -54,6 +54,18 @@ def test_unknown_names_are_rejected():
         get_model("ConvNet", 3, 10, 32, norm="group")
     with pytest.raises(ValueError, match="unknown pooling 'sum'"):
         get_model("ConvNet", 3, 10, 32, pooling="sum")
+    with pytest.raises(ValueError, match="ConvNet takes no widht in model_kwargs; its keywords: width, depth, norm, pooling"):
+        get_model("ConvNet", 3, 10, 32, widht=32)
+    with pytest.raises(ValueError, match="LeNet takes no width in model_kwargs; its keywords: none"):
+        get_model("LeNet", 3, 10, 32, width=32)
+
+
+def test_expert_settings_with_a_bad_model_are_refused_before_any_data_is_read(monkeypatch):
+    from mtt_lab import experts
+
+    monkeypatch.setattr(experts, "load_splits", lambda *a, **k: pytest.fail("the data was loaded"))
+    with pytest.raises(ValueError, match="ConvNet takes no widht"):
+        experts.train_experts(experts.ExpertConfig(model_kwargs={"widht": 32}), "/nonexistent/store")
     with pytest.raises(ValueError, match="image_size=16"):
         get_model("LeNet", 3, 10, 16)
 
