@@ -17,7 +17,8 @@ Choices made here (all on the config):
 * the step sizes are stored as logarithms, eta_i = exp(rho_i), which keeps them positive
   without clipping and makes an Adam step on rho a relative change of eta;
 * one Adam optimiser updates the pixels (``lr_img``) and rho (``lr_lr``);
-* Gaussian-noise images and no DSA by default, as in the paper (``pix_init="real"``, ``dsa=True``);
+* Gaussian-noise images and no DSA by default, as in the paper (set ``pix_init="real"`` or
+  ``dsa=True`` to change either);
 * the set is evaluated with lr 0.01 (:attr:`~mtt_lab.synthetic.SyntheticSet.lr`): DD learns a
   schedule of N step sizes, not one rate a longer evaluation could reuse.
 """
