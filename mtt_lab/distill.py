@@ -300,7 +300,8 @@ class Distiller:
             raise ValueError(f"precision 'tf32' is a CUDA mode; this distiller runs on {self.device} "
                              f"(use 'bfloat16' or 'float32')")
         self.strategy = (config.dsa_strategy or default_strategy(train.name)) if config.dsa else ""
-        self.fn = Functional(store.build_model().to(self.device, self.dtype))
+        with torch.random.fork_rng(devices=[]):  # only the shapes matter: the weights come from the experts
+            self.fn = Functional(store.build_model().to(self.device, self.dtype))
         if config.batched and not self.fn.can_stack:
             raise ValueError(f"batched=True stacks ConvNets with instance norm or none; {spec['name']} "
                              f"{spec['kwargs'] or ''} runs its unrolls in a loop (batched=False)")

@@ -109,8 +109,9 @@ def repeat_runs(label: str, build: Callable[[], nn.Module], train: Callable[[nn.
     """
     accuracies, seconds = [], 0.0
     for run in tqdm(range(runs), desc=label, disable=not progress, leave=False):
-        torch.manual_seed(seed + run)
-        model = build().to(test.device)
+        with torch.random.fork_rng(devices=[]):  # the init is seeded; the caller's random state is left alone
+            torch.manual_seed(seed + run)
+            model = build().to(test.device)
         start = time.perf_counter()
         losses = train(model, torch.Generator().manual_seed(seed + run))
         elapsed = time.perf_counter() - start

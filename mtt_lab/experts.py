@@ -291,8 +291,9 @@ def _train_missing(store: TrajectoryStore, config: ExpertConfig, spec: dict, tra
     share = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.active else ""
     for i in tqdm(todo, desc="experts" + share, disable=not progress or not ctx.is_main):
         seed = config.seed * 1000 + i
-        torch.manual_seed(seed)
-        model = build_model(spec).to(device)
+        with torch.random.fork_rng(devices=[]):  # the init is seeded; the caller's random state is left alone
+            torch.manual_seed(seed)
+            model = build_model(spec).to(device)
         flat = Functional(model)
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

@@ -191,3 +191,13 @@ def test_the_learning_rate_drops_tenfold_at_half_the_epochs(epochs, rates):
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx(rates)
+
+
+def test_evaluation_leaves_the_callers_random_state_alone(mnist_test):
+    """Every run seeds its own init, inside ``fork_rng``: a caller's next global draw is the one it expects."""
+    x, y = mnist_test.sample_per_class(1, torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    evaluate_synset(x, y, mnist_test, lr=0.01, epochs=1, runs=2, model_kwargs={"width": 4, "depth": 1}, progress=False)
+    assert torch.equal(torch.rand(3), expected)
