@@ -63,6 +63,7 @@ from .augment import default_strategy, dsa, parse_strategy, seeded_generator, to
 from .data import ImageDataset
 from .experts import TrajectoryStore, TrajectoryStoreError
 from .models import Functional
+from .synthetic import DTYPES, PIX_INITS, initial_images
 from .train import check_rate, resolve_device
 
 MODES = ("exact", "checkpoint", "constant")
@@ -72,7 +73,6 @@ CHANGEABLE = frozenset({"syn_steps", "expert_epochs", "max_start_epoch", "min_st
                         "batch_syn", "max_start_epoch_end", "mode", "iterations", "max_skips", "pixel_limit",
                         "trajectories"})
 ALPHA_MIN = 1e-6
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -120,7 +120,7 @@ class DistillConfig:
             (self.max_start_epoch > self.min_start_epoch,
              f"max_start_epoch (T+) must be > min_start_epoch={self.min_start_epoch}, got {self.max_start_epoch}"),
             (self.batch_syn is None or self.batch_syn >= 1, f"batch_syn must be None or >= 1, got {self.batch_syn}"),
-            (self.pix_init in ("real", "noise"), f"pix_init must be 'real' or 'noise', got {self.pix_init!r}"),
+            (self.pix_init in PIX_INITS, f"pix_init must be one of {list(PIX_INITS)}, got {self.pix_init!r}"),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.trajectories >= 1, f"trajectories (K) must be >= 1, got {self.trajectories}"),
@@ -253,6 +253,38 @@ def unroll(fn: Functional, theta0: Tensor, images: Tensor, labels: Tensor, lr: T
     return theta
 
 
+def walk_back(step: Callable, path: list[Tensor], plans: list, images: Tensor, lr: Tensor, adjoint: Tensor,
+              freeze_adjoint: bool = False) -> tuple[Tensor, Tensor]:
+    """The gradient, with respect to ``images`` and ``lr``, of a loss of theta_N reached by N student steps
+    ``theta_{i+1}, g_i = step(theta_i, images, lr, plans[i], create_graph)``, rebuilding one step's graph at a
+    time (memory: one step, not N; shared by MTT's ``checkpoint`` / ``constant`` modes and RaT-BPTT).
+
+    path: theta_0 .. theta_N (``N + 1`` tensors ``[P]``, or ``[K, P]`` for stacked students) from steps taken
+    with ``plans``, ``lr`` and ``images``; adjoint: lambda_N = dloss/dtheta_N, shaped like a theta.
+    ``freeze_adjoint``: TESLA's approximation, lambda kept at lambda_N (no Hessian-vector products).
+    Returns ``(dloss/dimages, dloss/dlr)``.
+    """
+    if len(path) != len(plans) + 1:
+        raise ValueError(f"a path of {len(plans)} steps holds {len(plans) + 1} parameter vectors, got {len(path)}")
+    images, alpha = images.detach().requires_grad_(True), lr.detach()
+    grad_images, grad_lr = torch.zeros_like(images), torch.zeros_like(alpha)
+    for i in reversed(range(len(plans))):
+        theta = path[i].detach().requires_grad_(True)
+        _, g = step(theta, images, alpha, plans[i], True)
+        # s = g_i . lambda_{i+1}: its derivative in X is d(theta_{i+1} . lambda)/dX / (-alpha), in theta H_i lambda
+        s = (g * adjoint).sum()
+        need_hvp = not freeze_adjoint and i > 0
+        grads = torch.autograd.grad(s, [images, theta] if need_hvp else [images])
+        # dloss/dX += -alpha * d(g_i . lambda_{i+1})/dX
+        grad_images -= alpha * grads[0]
+        # dloss/dalpha += -g_i . lambda_{i+1} (summed over stacked students)
+        grad_lr -= torch.dot(g.detach().flatten(), adjoint.flatten())
+        if need_hvp:
+            # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
+            adjoint = adjoint - alpha * grads[1]
+    return grad_images, grad_lr
+
+
 @contextlib.contextmanager
 def _tf32():
     """TF32 tensor-core convolutions and matmuls inside the block (CUDA's process-wide flags, restored)."""
@@ -314,14 +346,8 @@ class Distiller:
         self.before_step: Callable[[], None] | None = None
 
         # synthetic images: ipc real images per class, or Gaussian noise
-        smallest = min(train.class_counts())
-        if config.pix_init == "real" and config.ipc > smallest:
-            raise ValueError(f"ipc={config.ipc} real images per class requested, but the smallest class of "
-                             f"{train.name} has only {smallest}; lower ipc or use pix_init='noise'")
-        images, labels = train.sample_per_class(min(config.ipc, smallest), self.generator)
-        labels = torch.arange(train.num_classes).repeat_interleave(config.ipc).to(self.device)
-        if config.pix_init == "noise":
-            images = torch.randn((len(labels), *images.shape[1:]), generator=self.generator)
+        images, labels = initial_images(train, config.ipc, config.pix_init, self.generator)
+        labels = labels.to(self.device)
         self._images = images.to(self.device, self.dtype).detach().requires_grad_(True)
         self._labels = self._soft_labels(labels) if config.soft_labels else labels
         self._syn_lr = torch.tensor(config.lr_teacher, device=self.device, dtype=self.dtype, requires_grad=True)
@@ -581,22 +607,8 @@ class Distiller:
         loss = trajectory_loss(path[-1], theta_start, theta_target)
         # lambda_N = dloss/dtheta_N = 2 (theta_N - theta*_{t+M}) / ||theta*_t - theta*_{t+M}||^2
         adjoint = 2 * (path[-1] - theta_target) / (theta_start - theta_target).pow(2).sum(-1, keepdim=True)
-        grad_images = torch.zeros_like(images)
-        grad_lr = torch.zeros_like(lr)
-        alpha = lr.detach()
-        for i in reversed(range(len(plans))):
-            theta = path[i].detach().requires_grad_(True)
-            _, g = self._student_step(theta, images, alpha, plans[i], create_graph=True)
-            # s = g_i . lambda_{i+1}; its derivatives give the image gradient and H_i lambda_{i+1}
-            s = (g * adjoint).sum()
-            need_hvp = not freeze_adjoint and i > 0
-            grads = torch.autograd.grad(s, [images, theta] if need_hvp else [images])
-            grad_images -= alpha * grads[0]
-            grad_lr -= torch.dot(g.detach().flatten(), adjoint.flatten())  # summed over stacked students
-            if need_hvp:
-                # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
-                adjoint = adjoint - alpha * grads[1]
-        return loss, (grad_images, grad_lr), path
+        grads = walk_back(self._student_step, path, plans, images, lr, adjoint, freeze_adjoint)
+        return loss, grads, path
 
     # -- saving and resuming --------------------------------------------------------------------
     def state_dict(self) -> dict:

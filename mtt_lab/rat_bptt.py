@@ -17,7 +17,7 @@ Two ways to get the window gradient (``mode``), equal to rounding error:
 
 ``exact``       keep the W-step graph (``distill.unroll``) and differentiate the loss through it.
 ``checkpoint``  run the window without a graph keeping theta_{n-W} .. theta_n ([W + 1, P] floats),
-                then :func:`walk_back` one step at a time: the graph memory no longer grows with W.
+                then ``distill.walk_back`` one step at a time: the graph memory no longer grows with W.
 
 Choices made here: one learned step size eta for every step; pixels from real images (``pix_init``);
 Adam on pixels and rho; DSA on the student's steps (``dsa``, on by default as the paper augments its
@@ -41,42 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import ImageDataset
-from .distill import StepPlan, student_step, sweep_plans, unroll
+from .distill import StepPlan, student_step, sweep_plans, unroll, walk_back
 from .models import Functional
 from .synthetic import SetConfig, SyntheticSet, check_at_least, check_choice, check_rates
 
 MODES = ("exact", "checkpoint")
-
-
-def walk_back(fn: Functional, path: list[Tensor], plans: list[StepPlan], images: Tensor, labels: Tensor,
-              lr: Tensor, adjoint: Tensor, strategy: str) -> tuple[Tensor, Tensor]:
-    """The exact gradient, with respect to ``images`` and ``lr``, of a loss of theta_K reached by K student
-    steps, recomputing one step's graph at a time.
-
-    path: theta_0 .. theta_K (``K + 1`` vectors ``[P]``, from steps taken with ``plans``, ``lr`` and
-    ``images``); adjoint: lambda_K = dloss/dtheta_K ``[P]``. Returns ``(dloss/dimages, dloss/dlr)``.
-    (``distill.Distiller._walk_back`` does the same walk for the MTT loss; the two could share this.)
-    """
-    if len(path) != len(plans) + 1:
-        raise ValueError(f"a path of {len(plans)} steps holds {len(plans) + 1} parameter vectors, got {len(path)}")
-    images = images.detach().requires_grad_(True)
-    alpha = lr.detach()
-    grad_images, grad_lr = torch.zeros_like(images), torch.zeros_like(alpha)
-    for i in reversed(range(len(plans))):
-        theta = path[i].detach().requires_grad_(True)
-        _, g = student_step(fn, theta, images, labels, alpha, plans[i], strategy, create_graph=True)
-        # s = g_i . lambda_{i+1}: its derivative in X is d(theta_{i+1} . lambda)/dX / (-alpha), in theta H_i lambda
-        s = (g * adjoint).sum()
-        need_hvp = i > 0
-        grads = torch.autograd.grad(s, [images, theta] if need_hvp else [images])
-        # dloss/dX += -alpha * d(g_i . lambda_{i+1})/dX
-        grad_images -= alpha * grads[0]
-        # dloss/dalpha += -g_i . lambda_{i+1}
-        grad_lr -= g.detach() @ adjoint
-        if need_hvp:
-            # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
-            adjoint = adjoint - alpha * grads[1]
-    return grad_images, grad_lr
 
 
 @dataclass
@@ -169,7 +138,9 @@ class RaTBPTT(SyntheticSet):
         theta_end = path[-1].requires_grad_(True)
         loss = F.cross_entropy(self.fn(theta_end, x_real), y_real)
         (adjoint,) = torch.autograd.grad(loss, theta_end)
-        grad_images, grad_lr = walk_back(self.fn, path, window, images, labels, lr, adjoint, strategy)
+        grad_images, grad_lr = walk_back(
+            lambda th, x, a, plan, graph: student_step(self.fn, th, x, labels, a, plan, strategy, create_graph=graph),
+            path, window, images, lr, adjoint)
         # d/drho = d/deta * eta
         return loss.detach(), grad_images, grad_lr * lr.detach()
 
