@@ -317,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default=None, choices=list(distributed.BACKENDS),
                        help="under torchrun: gloo (CPU) or nccl (CUDA); default: nccl on CUDA, else gloo")
 
-    def command(name, help):
+    def command(name, help, computes=True):
         p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        p.add_argument("--seed", type=int, default=0, help="seed of every random draw (initialisations, batches, DSA)")
+        if computes:  # every command but info trains or distils something
+            p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+            p.add_argument("--seed", type=int, default=0, help="seed of every random draw (initialisations, batches, DSA)")
         return p
 
     p = command("experts", "train expert networks and record their parameter trajectories")
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="trajectory store folder (resumed if it exists)")
     p.set_defaults(func=cmd_experts)
 
-    p = command("info", "summarise and validate a trajectory store or a run folder")
+    p = command("info", "summarise and validate a trajectory store or a run folder", computes=False)
     p.add_argument("path", help="a trajectory store or a run folder")
     p.set_defaults(func=cmd_info)
 
