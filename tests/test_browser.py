@@ -163,8 +163,8 @@ def run_cell(page, index: int, attempts: int = 3, seconds: float = 20) -> None:
         page.keyboard.press("Shift+Enter")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if dialog.is_visible():
-                dialog.get_by_role("button", name="Select", exact=True).click()
+            if dialog.is_visible():  # its accept button reads "Select" (accessible name "Select Kernel")
+                dialog.locator("button.jp-mod-accept").click()
             if re.search(r"\[[*\d]", prompt.inner_text()):
                 return
             page.wait_for_timeout(200)
