@@ -15,10 +15,15 @@ The expert store is fake: one random walk from the initialisation, written with
 
 How it is measured
 ------------------
-* Every (configuration, variant, repeat) runs in a fresh subprocess, so that one measurement's
-  memory can never be reused by the next. Repeats are interleaved: repeat 1 of every variant of
-  every configuration, then repeat 2, ...; the tables show medians, so background load that comes
-  and goes hits all variants alike.
+* On the CPU every (configuration, variant, repeat) runs in a fresh subprocess, so that one
+  measurement's memory can never be reused by the next. On CUDA (``--in-process``, its default) the
+  points run one after the other in this process: the peak is read per point from CUDA's own
+  counters, and a fresh process per point would cost more time than a GPU lease holds (about 260
+  points, seconds each). Repeats are interleaved: repeat 1 of every variant of every configuration,
+  then repeat 2, ...; within a repeat the cheapest configurations (IPC x N x K) come first. The
+  tables show medians, so background load that comes and goes hits all variants alike.
+* ``--max-seconds S``: no point starts after S seconds; the points that did not run (the most
+  expensive ones) show as ``time``, so a sweep fits a fixed budget and still prints every table.
 * Time on the CPU: the process's CPU time (``time.process_time``) around the iteration, with one
   intra-op thread (``--threads``). Other jobs on a shared machine stretch wall time but hardly
   CPU time; wall time is in the JSON output. On CUDA: wall time after ``torch.cuda.synchronize``.
@@ -37,7 +42,8 @@ How it is measured
   of the memory available when the run starts, so that other jobs on the machine survive. ``exact`` and
   ``reference`` grow linearly in N; a point whose memory, extrapolated from the smaller N already
   measured, exceeds the limit is skipped and shown as ``>limit (~X GiB)``. A child also runs
-  under ``RLIMIT_AS`` = its address space + the limit; hitting it shows as ``OOM``.
+  under ``RLIMIT_AS`` = its address space + the limit; hitting it shows as ``OOM``. A point whose
+  smaller N ran out of memory is not tried (``OOM``).
 
 Usage::
 
@@ -168,15 +174,17 @@ def vm_size() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def child(job: dict) -> dict:
-    """Run one measurement (in a fresh process) and return its figures."""
+def child(job: dict, fresh: bool = True) -> dict:
+    """Run one measurement and return its figures. ``fresh``: this process measures nothing else, so the
+    CPU memory guard may be set and the CPU peak is this point's own (otherwise it is left out)."""
     torch.set_num_threads(job["threads"])
     device = job["device"]
     if job["memory"] == "kept" and not keep_freed_memory():
         raise RuntimeError("--memory kept: mallopt is not available here (glibc Linux only)")
     work = build_work(job)
     cuda = device.startswith("cuda")
-    if not cuda:  # the guard and the baseline come before the warm-up, which a CPU peak includes
+    cpu_peak = fresh and not cuda
+    if cpu_peak:  # the guard and the baseline come before the warm-up, which a CPU peak includes
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (vm_size() + job["limit"], hard))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -200,12 +208,23 @@ def child(job: dict) -> dict:
         return {"oom": True}
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    figures = {"seconds": wall if cuda else cpu, "cpu": cpu, "wall": wall,
+               "faulted": faults * resource.getpagesize(), "warmup_cpu": first}
     if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"seconds": wall if cuda else cpu, "cpu": cpu, "wall": wall, "peak": peak,
-            "faulted": faults * resource.getpagesize(), "warmup_cpu": first}
+        figures["peak"] = torch.cuda.max_memory_allocated() - base
+    elif cpu_peak:
+        figures["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return figures
+
+
+def in_process(job: dict) -> dict:
+    """:func:`child` in this process, then everything it allocated handed back (an OOM included)."""
+    try:
+        return child(job, fresh=False)
+    finally:
+        gc.collect()
+        if job["device"].startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def spawn(job: dict, env: dict[str, str]) -> dict:
@@ -269,11 +288,19 @@ def sweep(args) -> None:
         stores = {inputs: str(make_store(Path(tmp) / inputs, inputs, args.width).path) for inputs in args.inputs}
         P = {inputs: TrajectoryStore(path).num_params for inputs, path in stores.items()}
         for rep in range(args.reps):
-            for inputs, ipc, n, k, memory in configs:
+            # cheapest first (cost ~ IPC x N x K), so a --max-seconds cut drops the most expensive points
+            for inputs, ipc, n, k, memory in sorted(configs, key=lambda c: c[1] * c[2] * c[3]):
                 for variant in args.variants:
                     key = (inputs, ipc, n, k, memory, variant)
                     if key in skipped or (n > args.long and rep >= args.reps_long) or (k > 1 and variant not in MODES):
                         continue  # the reference and SGD are one unroll
+                    if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+                        if not results.get(key):
+                            skipped[key] = "time"
+                        continue
+                    if any(skipped.get((inputs, ipc, m, k, memory, variant)) == "OOM" for m in args.steps if m < n):
+                        skipped[key] = "OOM"  # a smaller N already ran out of memory
+                        continue
                     if variant in GROWS_WITH_N and not cuda:
                         measured = {c[2]: statistics.median(r["peak"] for r in v) for c, v in results.items()
                                     if c[:2] == (inputs, ipc) and c[3:] == (k, memory, variant) and v}
@@ -285,7 +312,7 @@ def sweep(args) -> None:
                            "memory": memory,
                            "threads": args.threads, "store": stores[inputs], "limit": limit,
                            "warmup": args.warmup if args.warmup is not None else int(cuda)}
-                    r = spawn(job, env)
+                    r = in_process(job) if args.in_process else spawn(job, env)
                     if r.get("oom"):
                         skipped[key] = "OOM"
                     else:
@@ -300,9 +327,11 @@ def sweep(args) -> None:
         return float(statistics.median(values)) if values else "-"
 
     unit = "wall s" if cuda else "CPU s"
+    cut = f"; points not started within {args.max_seconds:g} s: time" if args.max_seconds is not None else ""
     print(f"\n### Seconds per outer iteration ({unit}; median of {args.reps} runs, {args.reps_long} beyond N = "
           f"{args.long}; torch {torch.__version__}, device {device}, {args.threads} thread(s), ConvNet width "
-          f"{args.width}{', env ' + ' '.join(args.env) if args.env else ''})\n")
+          f"{args.width}, {'one process' if args.in_process else 'a fresh process a point'}"
+          f"{', env ' + ' '.join(args.env) if args.env else ''}{cut})\n")
     print("| input | IPC | N | K | memory | exact | checkpoint | constant | reference | N SGD steps | reference / exact "
           "| checkpoint / exact | constant / exact | exact / SGD | checkpoint / SGD |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -313,8 +342,10 @@ def sweep(args) -> None:
                             ratio(s["constant"], s["exact"]), ratio(s["exact"], s["sgd"]),
                             ratio(s["checkpoint"], s["sgd"])]) + " |")
 
-    what = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth (ru_maxrss)"
-    print(f"\n### Peak memory of one outer iteration (MiB, {what}, median; limit {limit / GIB:.1f} GiB)\n")
+    what = ("torch.cuda.max_memory_allocated" if cuda else
+            "not measured: the CPU peak needs a fresh process a point" if args.in_process else "peak RSS growth (ru_maxrss)")
+    guard = f"; limit {limit / GIB:.1f} GiB" if not (cuda or args.in_process) else ""
+    print(f"\n### Peak memory of one outer iteration (MiB, {what}, median{guard})\n")
     print("| input | IPC | N | K | memory | exact | checkpoint | constant | reference | N SGD steps | checkpoint / exact "
           "| constant / exact | checkpoint less N+1 vectors | constant less N+1 vectors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -326,7 +357,7 @@ def sweep(args) -> None:
         print("| " + " | ".join(map(str, config)) + " | " + " | ".join(fmt_mib(m[v]) for v in VARIANTS) + " | "
               + f"{ratio(m['checkpoint'], m['exact'])} | {ratio(m['constant'], m['exact'])} | "
               + " | ".join(beyond) + " |")
-    if not cuda:
+    if not (cuda or args.in_process):  # in one process, later points reuse what earlier ones touched
         print("\n### Fresh memory the iteration touched (GiB: minor page faults x page size, median)\n")
         print("| input | IPC | N | K | memory | " + " | ".join(VARIANTS) + " |")
         print("|---|---|---|---|---|" + "---|" * len(VARIANTS))
@@ -417,6 +448,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--mem-limit-gib", type=float, default=24.0)
     p.add_argument("--mem-fraction", type=float, default=0.6, help="at most this part of the available memory")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every point in this process (default on CUDA); the CPU peak then goes unmeasured")
+    p.add_argument("--max-seconds", type=float, default=None, help="start no point after this many seconds")
     p.add_argument("--quick", action="store_true", help="mnist only, N in {10, 20}, 2 repeats")
     p.add_argument("--profile", action="store_true", help="profile one exact iteration instead of the sweep")
     p.add_argument("--rows", type=int, default=25, help="rows of the profile table")
@@ -430,6 +464,10 @@ def main(argv=None) -> None:
         p.error("--device cuda: CUDA is not available")
     if args.ipc is None:
         args.ipc = [10, 50] if args.device.startswith("cuda") else [10]
+    if args.in_process is None:
+        args.in_process = args.device.startswith("cuda")
+    if args.in_process and (args.env or "kept" in args.memory):
+        p.error("--env and --memory kept change a whole process: they need a fresh process a point (--no-in-process)")
     if args.quick:
         args.inputs, args.steps, args.reps = ["mnist"], [10, 20], 2
     args.reps_long = min(args.reps_long, args.reps)

@@ -3,6 +3,10 @@
 #
 #   benchmarks/gpu.sh [OUT]             on a CUDA machine (default OUT: runs/gpu)
 #   benchmarks/gpu.sh --dry-run [OUT]   anywhere: the same steps, tiny, on the CPU (the tests run this)
+#   PYTHON=python3 benchmarks/gpu.sh    on a machine whose python3 has torch, without installing mtt_lab
+#
+# Sized for a short GPU lease: the engine table starts no point after ENGINE_SECONDS (default 240;
+# the points it did not reach read "time"), and everything else takes a minute or two on one GPU.
 #
 # 1. engine table: 28x28 and 32x32x3, IPC 10 and 50, N 10/20/40/80, every mode and the reference,
 #    K = 1/4/8 unrolls per iteration (bench_distill.py); K = 1/4/8 as a loop vs stacked (bench_batched.py)
@@ -23,7 +27,7 @@ GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu
-  DISTILL=(--inputs mnist --ipc 1 --steps 2 --trajectories 2 --variants exact --width 16 --reps 1)  # one variant: each point is a fresh process
+  DISTILL=(--inputs mnist --ipc 1 --steps 2 --trajectories 1 2 --width 16 --reps 1 --in-process)  # in one process, as on CUDA
   PRECISION=(--width 16 --ipc 1 --steps 2 --seeds 1)
   BATCHED=(--width 16 --ipc 1 --steps 2 --trajectories 2 --modes exact --reps 1)
   EXPERTS=(--model ConvNetW16 --experts 2 --epochs 1)
@@ -31,7 +35,8 @@ if [[ $DRY == 1 ]]; then
 else
   if [[ $GPUS -lt 1 ]]; then echo "gpu.sh: no CUDA device here; use --dry-run to check the script on a CPU" >&2; exit 2; fi
   DEVICE=cuda
-  DISTILL=(--inputs mnist cifar --ipc 10 50 --steps 10 20 40 80 --trajectories 1 4 8 --reps 2)
+  DISTILL=(--inputs mnist cifar --ipc 10 50 --steps 10 20 40 80 --trajectories 1 4 8 --reps 2
+           --max-seconds "${ENGINE_SECONDS:-240}")
   PRECISION=(--inputs cifar --width 128 --ipc 10 --steps 20 --seeds 3 --sync-check)
   BATCHED=(--inputs cifar --width 128 --ipc 10 --steps 20 --trajectories 1 4 8 --modes exact checkpoint constant)
   EXPERTS=(--model ConvNetW128 --experts 4 --epochs 2)
@@ -43,15 +48,15 @@ fi
   "$PY" -c "import torch; print(f'torch {torch.__version__}, CUDA devices: ' + ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else f'torch {torch.__version__}, no CUDA device')"
 } > "$OUT/gpu.md"
 
-echo "1/4 engine table" >&2
+echo "1/4 engine table (at ${SECONDS} s)" >&2
 "$PY" benchmarks/bench_distill.py --device "$DEVICE" "${DISTILL[@]}" --json "$OUT/distill.json" >> "$OUT/gpu.md"
 
 "$PY" benchmarks/bench_batched.py --device "$DEVICE" "${BATCHED[@]}" --json "$OUT/batched.json" >> "$OUT/gpu.md"
 
-echo "2/4 precision and synchronisations" >&2
+echo "2/4 precision and synchronisations (at ${SECONDS} s)" >&2
 "$PY" benchmarks/bench_precision.py --device "$DEVICE" "${PRECISION[@]}" --json "$OUT/precision.json" >> "$OUT/gpu.md"
 
-echo "3/4 expert throughput" >&2
+echo "3/4 expert throughput (at ${SECONDS} s)" >&2
 rm -rf "$OUT/experts"
 "$PY" -m mtt_lab.cli experts "${EXPERTS[@]}" --device "$DEVICE" --out "$OUT/experts" > /dev/null
 "$PY" - "$OUT" >> "$OUT/gpu.md" <<'EOF'
@@ -67,7 +72,7 @@ print(f"{images / seconds:.0f} images per second over {seconds:.1f} s of trainin
 EOF
 
 if [[ $GPUS -ge 2 || $DRY == 1 ]]; then
-  echo "4/4 two ranks against one process" >&2
+  echo "4/4 two ranks against one process (at ${SECONDS} s)" >&2
   rm -rf "$OUT/two" "$OUT/one" "$OUT/experts2"
   RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m mtt_lab.cli)
   "${RUN[@]}" experts "${EXPERTS[@]}" --device "$DEVICE" --out "$OUT/experts2" > /dev/null
@@ -91,4 +96,4 @@ else
   echo "4/4 skipped: one GPU" >&2
   printf '\n### Two ranks against one process\n\nskipped: this machine has one GPU\n' >> "$OUT/gpu.md"
 fi
-echo "gpu.sh: tables in $OUT/gpu.md" >&2
+echo "gpu.sh: tables in $OUT/gpu.md (${SECONDS} s)" >&2
