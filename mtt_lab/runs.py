@@ -35,6 +35,7 @@ from .data import ImageDataset
 from .distill import DistillConfig, Distiller
 from .experts import TrajectoryStore
 from .family import METHODS, method_config
+from .images import grid_png
 from .synthetic import SyntheticSet
 from .files import (LOCK_NAME, FileError, FolderLock, LineLog, atomic_write, atomic_write_json, bad_file, describe,
                     read_json, read_torch, require_keys, save_torch)
@@ -259,8 +260,6 @@ class RunFolder:
 
     def save_synthetic_set(self, run_id: str, learner: Learner) -> None:
         """images.pt and grid.png."""
-        from .viz import grid_png
-
         images, labels, lr = distilled_set(learner)
         images = images.cpu()
         save_torch(self.file(IMAGES), {

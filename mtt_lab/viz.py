@@ -4,8 +4,8 @@ Every function returns a static ``go.Figure``; the live versions in :mod:`mtt_la
 wrap the same traces in a ``go.FigureWidget`` and update them in place.
 
 Images
-    :func:`mosaic` lays a synthetic set out as classes x images (2 x 5 for one image per class);
-    :func:`image_grid` shows it as a figure and :func:`grid_png` encodes it as PNG bytes.
+    :func:`image_grid` shows a synthetic set as a figure, laid out by :func:`mtt_lab.images.mosaic`
+    as classes x images (2 x 5 for one image per class).
 Trajectories
     :func:`fit_pca` finds the top principal directions of the experts' snapshots theta*_e;
     :func:`trajectory_figure` draws the experts in those coordinates, optionally with one
@@ -21,7 +21,6 @@ Methods
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,10 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from einops import rearrange
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
-from PIL import Image
 from torch import Tensor
 
 from .data import ImageDataset
@@ -40,6 +37,7 @@ from .distill import StepRecord
 from .evaluate import EvalResult
 from .experts import TrajectoryStore
 from .family import Result
+from .images import class_of, mosaic, mosaic_shape
 
 PALETTE = qualitative.Plotly
 STUDENT_COLOUR = "black"
@@ -54,61 +52,9 @@ def expert_colour(i: int) -> str:
 # Images
 
 
-def class_of(labels: Tensor | int | None, n: int, num_classes: int) -> Tensor:
-    """The class of each of ``n`` images, ``[n]`` int64.
-
-    labels: hard labels ``[n]``, soft labels ``[n, C]`` (argmax), an ``ipc`` (images grouped by
-    class, ``ipc`` each, as a :class:`~mtt_lab.distill.Distiller` holds them) or ``None`` (the
-    ipc is ``n // num_classes``).
-    """
-    if labels is None or isinstance(labels, int):
-        ipc = labels or n // num_classes
-        if ipc < 1 or ipc * num_classes != n:
-            raise ValueError(f"{n} images are not {num_classes} classes x ipc={ipc}; pass the labels instead")
-        return torch.arange(num_classes).repeat_interleave(ipc)
-    labels = labels.detach().cpu()
-    return labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
-
-
-def mosaic_shape(num_classes: int, per_class: int) -> tuple[int, int]:
-    """(rows, columns) of image cells: classes x ``per_class``, except one image per class.
-
-    With one image per class a single column would be tall and thin, so the classes wrap into a
-    block about 2.5 times as wide as tall: 2 x 5 for ten classes.
-    """
-    if per_class > 1:
-        return num_classes, per_class
-    columns = min(num_classes, math.ceil(math.sqrt(2.5 * num_classes)))
-    return math.ceil(num_classes / columns), columns
-
-
-def mosaic(images: Tensor, dataset: ImageDataset, labels: Tensor | int | None = None, pad: int = 1,
-           background: float = 1.0) -> np.ndarray:
-    """The synthetic set as one picture, ``pad`` pixels of ``background`` between images.
-
-    images: model-space ``[n, c, h, w]`` (denormalised with ``dataset``, ZCA undone); labels: see
-    :func:`class_of`. With K images in the largest class, K > 1 gives one row per class, its images
-    left to right; K = 1 wraps the classes row by row into :func:`mosaic_shape` (2 x 5 for ten).
-    Returns float32 ``[R * (h + pad) - pad, Q * (w + pad) - pad, c]`` in [0, 1] for R x Q cells; cell
-    (i, j) starts at row ``i * (h + pad)``, column ``j * (w + pad)``.
-    """
-    pixels = dataset.denormalize(images.detach().to("cpu", torch.float32))
-    classes = class_of(labels, len(pixels), dataset.num_classes)
-    _, c, h, w = pixels.shape
-    per_class = max(int(torch.bincount(classes, minlength=dataset.num_classes).max()), 1)
-    rows, columns = mosaic_shape(dataset.num_classes, per_class)
-    cells = torch.full((rows * columns, c, h + pad, w + pad), background)
-    for r in range(dataset.num_classes):
-        members = pixels[classes == r]
-        first = r * per_class if per_class > 1 else r  # class r's first cell, counted row by row
-        cells[first:first + len(members), :, :h, :w] = members
-    grid = rearrange(cells, "(r k) c h w -> (r h) (k w) c", r=rows)
-    return grid[: grid.shape[0] - pad, : grid.shape[1] - pad].numpy()
-
-
 def image_grid(images: Tensor, labels: Tensor | int | None, dataset: ImageDataset, title: str | None = None
                ) -> go.Figure:
-    """The synthetic set as a figure (the :func:`mosaic` layout), every image's class named.
+    """The synthetic set as a figure (the :func:`~mtt_lab.images.mosaic` layout), every image's class named.
 
     images ``[n, c, h, w]`` in model space; labels: ``[n]``, ``[n, C]``, an ipc or ``None``.
     Grey-scale sets are drawn as a heatmap (hover shows the pixel value), colour sets as ``go.Image``.
@@ -142,16 +88,6 @@ def image_grid(images: Tensor, labels: Tensor | int | None, dataset: ImageDatase
     fig.update_layout(title=title, width=max(250, zoom * grid.shape[1] + 80, title_width), height=zoom * grid.shape[0] + top + 20,
                       margin=dict(l=60, r=20, t=top, b=10), plot_bgcolor="white")
     return fig
-
-
-def grid_png(images: Tensor, dataset: ImageDataset, scale: int = 4, labels: Tensor | int | None = None) -> bytes:
-    """The :func:`mosaic` of ``images [n, c, h, w]`` as PNG bytes, each pixel ``scale`` x ``scale``."""
-    grid = (mosaic(images, dataset, labels) * 255).round().astype(np.uint8)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="png")
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------

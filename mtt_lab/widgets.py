@@ -26,9 +26,10 @@ import plotly.graph_objects as go
 
 from .distill import Distiller, StepRecord
 from .experts import TrajectoryStore
+from .images import grid_png
 from .viz import (
-    PCA, Overlay, change_marks, curves_figure, fit_pca, grid_png, overlay_traces, pca_layout, project_record,
-    project_store, running_mean, trajectory_traces,
+    PCA, Overlay, change_marks, curves_figure, fit_pca, overlay_traces, pca_layout, project_record, project_store,
+    running_mean, trajectory_traces,
 )
 
 MIN_REFRESH_SECONDS = 0.2  # at most 5 image / curve updates per second while running

@@ -81,6 +81,27 @@ def test_evaluate_a_run_and_a_baseline(store_dir, tmp_path, capsys):
     assert "ConvNetW16:" in out and "protocol: random · IPC 2 · hard labels · no ZCA · DSA distill/eval n/a/yes" in out
 
 
+NO_NOTEBOOK_PACKAGES = """
+import sys
+for name in ("plotly", "ipywidgets", "anywidget", "IPython", "jupyterlab"):
+    sys.modules[name] = None  # `import name` now raises ImportError, as without the notebooks extra
+from mtt_lab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_command_line_needs_no_notebook_packages(store_dir, tmp_path):
+    """`pip install mtt_lab` (no extras) runs every step of the command line: the grid.png of a run
+    comes from mtt_lab.images (Pillow), never from plotly."""
+    run = tmp_path / "run"
+    for argv in (distill_args(store_dir, run, 1),
+                 ["evaluate", str(run), "--models", "ConvNetW16", "--epochs", "1", "--runs", "1", "--device", "cpu"],
+                 ["info", str(run)]):
+        done = subprocess.run([sys.executable, "-c", NO_NOTEBOOK_PACKAGES, *argv], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "eval.json").is_file()
+
+
 @pytest.mark.parametrize("baseline, labels", [("herding", "hard"), ("k-center", "hard"), ("soft-labels", "soft")])
 def test_baselines_made_with_an_expert(store_dir, baseline, labels, capsys):
     assert main(["evaluate", "--baseline", baseline, "--experts", str(store_dir), "--models", "ConvNetW16",

@@ -16,7 +16,6 @@ Notebooks are found with a glob: new ones are tested too.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re

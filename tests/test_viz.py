@@ -1,4 +1,4 @@
-"""Figures of ``mtt_lab.viz``: image mosaics, trajectory PCA, curves, bars and heatmaps.
+"""Figures of ``mtt_lab.viz`` (trajectory PCA, curves, bars and heatmaps) and the image mosaics of ``mtt_lab.images``.
 
 The tiny expert store (2 experts x 3 epochs of a width-8, depth-2 ConvNet) is trained once per
 session into a fixed folder; ``test_widgets`` imports these fixtures (its copy of ``tiny_store``
@@ -21,10 +21,11 @@ from mtt_lab.distill import DistillConfig, Distiller
 from mtt_lab.evaluate import EvalResult
 from mtt_lab.experts import ExpertConfig, train_experts
 from mtt_lab.family import ProtocolCard, Result
+from mtt_lab.images import class_of, grid_png, mosaic, mosaic_shape
 from mtt_lab.viz import (
-    accuracy_bars, class_of, curves_figure, expert_pca_figure, family_figure, feature_space_figure, fit_pca, grid_png,
-    image_grid, mosaic, mosaic_shape, mtt_iteration_figure, project_record, project_store, running_mean,
-    step_size_figure, sweep_heatmap, trajectory_figure, unroll_window_figure,
+    accuracy_bars, curves_figure, expert_pca_figure, family_figure, feature_space_figure, fit_pca, image_grid,
+    mtt_iteration_figure, project_record, project_store, running_mean, step_size_figure, sweep_heatmap,
+    trajectory_figure, unroll_window_figure,
 )
 
 TINY_CONFIG = dict(syn_steps=3, expert_epochs=1, max_start_epoch=2, device="cpu", iterations=1000)
