@@ -28,7 +28,7 @@ from .cpu_memory import keep_freed_memory
 from .coresets import expert_embedder, herding, k_center, random_coreset
 from .data import DATASETS, DatasetUnavailable, ImageDataset, load_splits
 from .distill import DistillConfig, DivergenceError
-from .evaluate import EvalResult, evaluate_synset
+from .evaluate import EvalResult, evaluate_synset, plural
 from .experts import ExpertConfig, TrajectoryStore, train_experts
 from .family import NAMES, ProtocolCard, method_config
 from .files import FileError, atomic_write_json
@@ -278,7 +278,7 @@ def cmd_dlb(args) -> None:
 def _print_results(summary: dict, out) -> None:
     for name, row in summary.items():
         if isinstance(row, dict) and "accuracies" in row:
-            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({len(row['accuracies'])} runs)\n"
+            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({plural(len(row['accuracies']), 'run')})\n"
                   f"  protocol: {row['card_line']}")
     print(f"results: {Path(out) / 'results.json'}")
 

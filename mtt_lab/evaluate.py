@@ -53,7 +53,7 @@ class EvalResult:
         return statistics.pstdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
     def __str__(self) -> str:
-        return f"{self.model}: {self.percent()} ({len(self.accuracies)} runs)"
+        return f"{self.model}: {self.percent()} ({plural(len(self.accuracies), 'run')})"
 
     def percent(self) -> str:
         """``"86.61 ± 0.42 %"``: mean ± (population) std over the runs, in percent."""
@@ -67,6 +67,11 @@ class EvalResult:
     def of(cls, name: str, accuracies: Iterable[float], epochs: int = 0, lr: float = 0.0) -> EvalResult:
         """Accuracies measured elsewhere (e.g. the experts' own), summarised the same way."""
         return cls(name, tuple(accuracies), epochs, lr)
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun`` as a reader says it: "1 run", "3 runs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def sgd_with_schedule(params, lr: float, epochs: int):

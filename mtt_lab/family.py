@@ -40,7 +40,7 @@ from .data import ImageDataset
 from .dataset_distillation import DDConfig, DDistiller
 from .distill import DistillConfig
 from .distribution_matching import DistributionMatching, DMConfig
-from .evaluate import EvalResult, evaluate_synset
+from .evaluate import EvalResult, evaluate_synset, plural
 from .gradient_matching import DCConfig, GradientMatching
 from .rat_bptt import RaTBPTT, RaTBPTTConfig
 from .synthetic import SyntheticSet, check_choice
@@ -126,7 +126,7 @@ class ProtocolCard:
         width = f" w{self.eval_width}" if self.eval_width else ""
         return (f"{self.method} · IPC {self.ipc} · {self.labels} labels · {'ZCA' if self.zca else 'no ZCA'} · "
                 f"DSA distill/eval {yes[self.dsa_distill]}/{yes[self.dsa_eval]} · {self.eval_model}{width} · "
-                f"{self.epochs} ep · {self.runs} runs · {'final epoch' if self.final_epoch else 'best epoch'}"
+                f"{self.epochs} ep · {plural(self.runs, 'run')} · {'final epoch' if self.final_epoch else 'best epoch'}"
                 f"{' (+ best shown)' if self.best_epoch_shown else ''}")
 
     def as_dict(self) -> dict:

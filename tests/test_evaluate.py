@@ -177,6 +177,7 @@ def test_eval_result_is_the_one_summary():
     r = EvalResult.of("experts", [0.8, 0.9])
     assert r.mean == pytest.approx(0.85) and r.std == pytest.approx(0.05)
     assert r.percent() == "85.00 ± 5.00 %" and str(r) == "experts: 85.00 ± 5.00 % (2 runs)"
+    assert str(EvalResult.of("experts", [0.8])) == "experts: 80.00 ± 0.00 % (1 run)"
     d = r.as_dict()
     assert d["accuracies"] == [0.8, 0.9] and d["mean"] == pytest.approx(0.85) and d["std"] == pytest.approx(0.05)
 

@@ -1,6 +1,7 @@
 """The family registry (names and knobs checked), the protocol card, the cost meter and the results table."""
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_card_line_and_dict():
     soft = ProtocolCard("Soft labels", 1, "soft", True, None, False, "ConvNet", None, 50, 2, best_epoch_shown=True)
     assert "soft labels · ZCA · DSA distill/eval n/a/no · ConvNet · 50 ep" in soft.line()
     assert soft.line().endswith("final epoch (+ best shown)")
+    assert "50 ep · 1 run · final" in replace(soft, runs=1).line()
     assert soft.as_dict()["dsa_distill"] is None
     with pytest.raises(ValueError, match=r"labels must be one of hard, soft; got 'mixed'"):
         ProtocolCard("X", 1, "mixed", False, None, True, "ConvNet", None, 1, 1)
