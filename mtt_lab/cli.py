@@ -278,7 +278,8 @@ def cmd_dlb(args) -> None:
 def _print_results(summary: dict, out) -> None:
     for name, row in summary.items():
         if isinstance(row, dict) and "accuracies" in row:
-            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({plural(len(row['accuracies']), 'run')})\n"
+            runs = plural(len(row["accuracies"]), "run")
+            print(f"{name:<24} {100 * row['mean']:6.2f} ± {100 * row['std']:.2f} %  ({runs})\n"
                   f"  protocol: {row['card_line']}")
     print(f"results: {Path(out) / 'results.json'}")
 
