@@ -98,6 +98,7 @@ class DistillDashboard:
 
         self.status = widgets.HTML()
         self.message = widgets.HTML()
+        self.message_text = ""  # what the message says, as plain text (for print)
         self.error_box = widgets.HTML()
         self.image = widgets.Image(format="png")
         self.curves = go.FigureWidget(curves_figure(window=window))
@@ -331,6 +332,7 @@ class DistillDashboard:
     # -- display -------------------------------------------------------------------------------
     def _say(self, text: str, error: bool = False) -> None:
         colour = "crimson" if error else "dimgray"
+        self.message_text = text
         self.message.value = f'<span style="color:{colour}">{html.escape(text)}</span>' if text else ""
 
     def _show_error(self, exc: Exception) -> None:

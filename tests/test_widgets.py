@@ -62,6 +62,7 @@ def test_an_invalid_combination_is_reported_and_the_slider_snaps_back(dash, dist
     assert dash.m_slider.value == 1  # the slider shows the M the run uses, not the refused one
     assert "Not applied" in dash.message.value and "T+ - 1 + M" in dash.message.value
     assert "lower T+ first" in dash.message.value and "crimson" in dash.message.value
+    assert dash.message_text.startswith("Not applied: start epochs") and "M <= 3" in dash.message_text  # no markup
     dash.t_slider.value = 1  # the way round the message suggests
     dash.m_slider.value = 3
     assert (distiller.config.expert_epochs, distiller.config.max_start_epoch) == (3, 1)
